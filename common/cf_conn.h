@@ -1,0 +1,122 @@
+/* cf_conn: one network connection on the libuv loop, optionally TLS, with
+ * bounded buffers in both directions. Protocol sessions (IMAP, POP3, admin,
+ * later the proxy) sit on top of it and never touch sockets or OpenSSL.
+ *
+ * Threading: loop thread only.
+ *
+ * Input: decrypted bytes are handed to ops->on_read as they arrive. The
+ * session consumes what it can and keeps the rest itself (bounded by its own
+ * line limit). cf_conn_pause_read()/cf_conn_resume_read() stop and restart
+ * delivery (back-pressure: a session paused while a command runs).
+ *
+ * Output: cf_conn_write() copies bytes into the connection's output queue.
+ * cf_conn_write_ref() queues a borrowed buffer without copying (used to
+ * stream message bodies straight from the LMDB map); `release` is called
+ * once the bytes are no longer needed. The queue is not refused: the
+ * session must look at cf_conn_out_pending() and stop producing above
+ * CF_CONN_OUT_HIGH; ops->on_drain fires when the queue falls below
+ * CF_CONN_OUT_LOW after having been above it, and also when it empties if
+ * cf_conn_want_drain() was called.
+ *
+ * TLS: implicit TLS is set at accept (cf_conn_accept with an SSL_CTX).
+ * STARTTLS: the session queues its "OK Begin TLS" reply and calls
+ * cf_conn_starttls(); the conn flushes the queued plaintext, throws away
+ * every input byte already received but not yet consumed (CVE-2011-0411),
+ * and starts the handshake; ops->on_tls_ready fires when it completes. The
+ * session must also reset its own parser state at that moment.
+ *
+ * Closing: cf_conn_close() is asynchronous and idempotent: it stops reading,
+ * optionally flushes queued output (graceful), then closes the socket;
+ * ops->on_close fires exactly once, from a later loop iteration, after which
+ * the conn is freed. Never free session state that the conn's callbacks may
+ * still touch before on_close.
+ *
+ * Timeouts: cf_conn_set_idle_timeout(ms) closes the connection (reason
+ * "idle timeout", on_timeout called first so the session can write a BYE)
+ * when no input arrived for ms; 0 disables.
+ */
+#ifndef CF_CONN_H
+#define CF_CONN_H
+
+#include <openssl/ssl.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#define CF_CONN_OUT_HIGH (256u * 1024)
+#define CF_CONN_OUT_LOW (64u * 1024)
+
+struct cf_conn;
+
+struct cf_conn_ops {
+    /* Plaintext input. Return the number of bytes consumed (the rest is
+     * re-offered, prepended to later input; the conn keeps at most
+     * `max_unconsumed` bytes (cf_conn_set_max_unconsumed; default 64 KiB) before
+     * pausing reads until the session consumes). */
+    size_t (*on_read)(struct cf_conn *c, void *data, const char *buf, size_t len);
+    /* Output queue dropped below the low-water mark (or emptied, see above). */
+    void (*on_drain)(struct cf_conn *c, void *data);
+    /* TLS handshake completed (implicit TLS or STARTTLS). May be NULL. */
+    void (*on_tls_ready)(struct cf_conn *c, void *data);
+    /* Idle timeout fired; the session may cf_conn_write a BYE. The conn
+     * closes gracefully right after. May be NULL. */
+    void (*on_timeout)(struct cf_conn *c, void *data);
+    /* The connection is gone (peer closed, error, or cf_conn_close). `reason`
+     * is a short static text. Called exactly once; the conn is freed after. */
+    void (*on_close)(struct cf_conn *c, void *data, const char *reason);
+};
+
+/* Take over a connected uv_tcp_t that was accepted on `server`.
+ * Allocates the conn, calls uv_accept, sets TCP_NODELAY, records the peer
+ * address. ssl_ctx != NULL starts implicit TLS at once. Returns NULL on
+ * failure (the pending connection is rejected). */
+struct cf_conn *cf_conn_accept(uv_loop_t *loop, uv_stream_t *server, SSL_CTX *ssl_ctx,
+                               const struct cf_conn_ops *ops, void *data);
+
+/* Set the session pointer passed to ops (e.g. after creating the session). */
+void cf_conn_set_data(struct cf_conn *c, void *data);
+
+/* Peer address as text ("127.0.0.1", "::1") and port. Valid for the conn's life. */
+const char *cf_conn_peer(const struct cf_conn *c);
+int cf_conn_peer_port(const struct cf_conn *c);
+
+/* 1 when TLS is established. */
+int cf_conn_is_tls(const struct cf_conn *c);
+/* The peer's verified certificate (TLS with a CA configured), or NULL.
+ * Borrowed; valid while the conn lives. */
+X509 *cf_conn_peer_cert(const struct cf_conn *c);
+
+/* Queue a copy of buf. Returns 0, or -1 if the conn is closing (bytes dropped). */
+int cf_conn_write(struct cf_conn *c, const void *buf, size_t len);
+/* printf-style write (formats into a temporary; at most 64 KiB). */
+int cf_conn_printf(struct cf_conn *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Queue a borrowed buffer; release(arg) is called exactly once when the
+ * bytes are written or the conn closes. Returns 0 or -1 (release still called). */
+int cf_conn_write_ref(struct cf_conn *c, const void *buf, size_t len, void (*release)(void *arg),
+                      void *arg);
+/* Bytes queued and not yet handed to the kernel (plaintext size). */
+size_t cf_conn_out_pending(const struct cf_conn *c);
+/* Ask for one on_drain call when the output queue is completely empty. */
+void cf_conn_want_drain(struct cf_conn *c);
+
+void cf_conn_pause_read(struct cf_conn *c);
+void cf_conn_resume_read(struct cf_conn *c);
+void cf_conn_set_max_unconsumed(struct cf_conn *c, size_t max);
+
+/* Start a server-side TLS handshake on a plaintext connection (STARTTLS).
+ * Flushes already-queued plaintext first, discards unconsumed input.
+ * Returns 0 or -1 (already TLS / closing). */
+int cf_conn_starttls(struct cf_conn *c, SSL_CTX *ssl_ctx);
+
+void cf_conn_set_idle_timeout(struct cf_conn *c, uint64_t ms);
+
+/* Close. graceful=1 flushes queued output first (bounded by 10 s). */
+void cf_conn_close(struct cf_conn *c, int graceful, const char *reason);
+int cf_conn_is_closing(const struct cf_conn *c);
+
+/* Listener helper: bind+listen on "host:port" ("127.0.0.1:1143", "[::1]:1143",
+ * "*:143"). Returns 0 or a negative uv error; fills err. */
+int cf_listen_tcp(uv_loop_t *loop, uv_tcp_t *server, const char *addr, int backlog,
+                  uv_connection_cb cb, char *err, size_t errlen);
+
+#endif

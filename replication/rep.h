@@ -1,0 +1,108 @@
+/* rep: the replication module. Wraps libraft 0.15 (libuv I/O, TCP
+ * transport) and knows nothing about mail: the store plugs its state
+ * machine in through struct rep_fsm_ops. Every libraft call of the project
+ * lives in replication/.
+ *
+ * Threading: loop thread only (libraft is single-threaded).
+ *
+ * Log index: libraft's apply callback gets no index. rep computes it as
+ * raft_last_applied()+1 (libraft advances last_applied after every entry,
+ * commands, barriers and configuration changes alike) and passes it to
+ * ops->apply, so the FSM can use it as MODSEQ and as its idempotency
+ * watermark.
+ *
+ * Snapshots: ops->snapshot returns a small descriptor (never the store);
+ * ops->restore gets it back on start or on InstallSnapshot.
+ */
+#ifndef REP_H
+#define REP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+enum rep_status_code {
+    REP_OK = 0,
+    REP_ENOTLEADER = -1,      /* not leader: refused before proposing */
+    REP_ELEADERSHIPLOST = -2, /* outcome unknown: may still commit later */
+    REP_ESHUTDOWN = -3,       /* node is stopping */
+    REP_ENOMEM = -4,
+    REP_EIO = -5,             /* disk/other error; see log */
+    REP_ETOOBIG = -6,
+};
+
+struct rep_fsm_ops {
+    /* Apply a committed command entry at log `index`. Deterministic: only the
+     * entry and the FSM's own state. Return 0, or -1 for a fatal error (the
+     * node logs loudly and stops applying; it never skips an entry). */
+    int (*apply)(void *fsm, uint64_t index, const void *buf, size_t len);
+    /* Produce a snapshot descriptor of the state as of the last applied
+     * entry. *buf_r is malloc()ed, rep frees it. Return 0 or -1. */
+    int (*snapshot)(void *fsm, uint64_t index, void **buf_r, size_t *len_r);
+    /* Restore from a descriptor (on start, or when the leader installs a
+     * snapshot). `buf` is borrowed. Return 0 or -1 (fatal). */
+    int (*restore)(void *fsm, const void *buf, size_t len);
+};
+
+struct rep_config {
+    uint64_t node_id;             /* >= 1 */
+    const char *address;          /* Raft address "127.0.0.1:7001" */
+    const char *data_dir;         /* must exist */
+    int bootstrap;                /* 1: bootstrap a single-voter group if dir is new */
+    uint64_t election_timeout_ms; /* default 1000 */
+    uint64_t heartbeat_ms;        /* default 100 */
+    uint64_t snapshot_threshold;  /* entries between snapshots, default 1024 */
+    uint64_t snapshot_trailing;   /* entries kept after a snapshot, default 512 */
+    uint64_t max_entry_bytes;     /* proposals above this are refused (REP_ETOOBIG) */
+};
+
+struct rep_info {
+    int is_leader;
+    const char *role; /* "leader", "follower", "candidate", "unavailable" */
+    uint64_t term;
+    uint64_t commit_index;
+    uint64_t applied_index;
+    uint64_t last_index;
+    uint64_t last_snapshot_index;
+    uint64_t leader_id;
+    char leader_address[128];
+};
+
+struct rep;
+
+/* Create (does not start). Returns NULL with err on failure. */
+struct rep *rep_create(uv_loop_t *loop, const struct rep_config *cfg,
+                       const struct rep_fsm_ops *ops, void *fsm, char *err, size_t errlen);
+/* Bootstrap if configured and new, then start raft. 0 or -1 with err. */
+int rep_start(struct rep *r, char *err, size_t errlen);
+
+/* Buffer for a proposal (raft_malloc). */
+void *rep_buf_alloc(size_t len);
+void rep_buf_free(void *buf);
+
+/* Completion of a proposal: status is REP_OK once the entry is committed
+ * and applied locally (ops->apply already ran for it). */
+typedef void (*rep_propose_cb)(void *arg, int status);
+
+/* Propose `buf` (from rep_buf_alloc; ownership always passes to rep, even
+ * on failure). Returns 0 when in flight (cb will fire exactly once), or a
+ * negative rep_status_code synchronously (cb will not fire). */
+int rep_propose(struct rep *r, void *buf, size_t len, rep_propose_cb cb, void *arg);
+
+/* Fires cb(arg, REP_OK) once every entry before it is applied (leader only). */
+int rep_barrier(struct rep *r, rep_propose_cb cb, void *arg);
+
+int rep_is_leader(const struct rep *r);
+void rep_get_info(const struct rep *r, struct rep_info *info_r);
+
+/* Called (loop thread) whenever this node's role changes. */
+void rep_set_role_cb(struct rep *r, void (*cb)(void *arg, int is_leader), void *arg);
+
+/* Asynchronous shutdown; cb fires once raft and its I/O are closed. After
+ * that the FSM may be closed and rep_destroy called. */
+void rep_close(struct rep *r, void (*cb)(void *arg), void *arg);
+void rep_destroy(struct rep **r);
+
+const char *rep_strerror(int status);
+
+#endif

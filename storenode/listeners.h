@@ -1,0 +1,18 @@
+/* Entry points the daemon's listeners call for each accepted connection.
+ * Each takes over the pending connection on `server` (cf_conn_accept). */
+#ifndef LISTENERS_H
+#define LISTENERS_H
+
+#include <uv.h>
+
+#include "node.h"
+
+void imap_accept(struct node *n, uv_stream_t *server, int implicit_tls);
+void pop3_accept(struct node *n, uv_stream_t *server, int implicit_tls);
+void admin_accept(struct node *n, uv_stream_t *server);
+
+/* Close every live session (BYE / -ERR) on shutdown or leadership loss. */
+void imap_close_all(struct node *n, const char *reason);
+void pop3_close_all(struct node *n, const char *reason);
+
+#endif
