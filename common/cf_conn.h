@@ -31,6 +31,10 @@
  * the conn is freed. Never free session state that the conn's callbacks may
  * still touch before on_close.
  *
+ * NULL: every function taking a conn accepts NULL and does nothing (writes
+ * return -1), so a session whose connection went away during an asynchronous
+ * wait can still run its completion path.
+ *
  * Timeouts: cf_conn_set_idle_timeout(ms) closes the connection (reason
  * "idle timeout", on_timeout called first so the session can write a BYE)
  * when no input arrived for ms; 0 disables.
@@ -62,8 +66,15 @@ struct cf_conn_ops {
      * closes gracefully right after. May be NULL. */
     void (*on_timeout)(struct cf_conn *c, void *data);
     /* The connection is gone (peer closed, error, or cf_conn_close). `reason`
-     * is a short static text. Called exactly once; the conn is freed after. */
+     * is a short text (the conn's own copy: valid only during this call; it
+     * may carry detail, e.g. "tls handshake failed: <openssl reason>").
+     * Called exactly once; the conn is freed after. */
     void (*on_close)(struct cf_conn *c, void *data, const char *reason);
+    /* Client side only (cf_conn_connect): the TCP connection is up. With a
+     * client SSL_CTX the handshake starts right after and on_tls_ready
+     * follows. A failed connect never calls this: on_close fires with a
+     * reason starting "connect failed". May be NULL. */
+    void (*on_connected)(struct cf_conn *c, void *data);
 };
 
 /* Take over a connected uv_tcp_t that was accepted on `server`.
@@ -104,7 +115,12 @@ void cf_conn_resume_read(struct cf_conn *c);
 void cf_conn_set_max_unconsumed(struct cf_conn *c, size_t max);
 
 /* Start a server-side TLS handshake on a plaintext connection (STARTTLS).
- * Flushes already-queued plaintext first, discards unconsumed input.
+ * Flushes already-queued plaintext first, discards unconsumed input (also
+ * the rest of the read that carried the STARTTLS command: only bytes the
+ * session consumed before the call survive). Output queued after the call
+ * is sent encrypted once the handshake is done. On a cf_conn_connect conn
+ * (client side) the same call starts a client handshake with ssl_ctx (SNI
+ * and verification as in cf_conn_connect).
  * Returns 0 or -1 (already TLS / closing). */
 int cf_conn_starttls(struct cf_conn *c, SSL_CTX *ssl_ctx);
 
@@ -114,8 +130,27 @@ void cf_conn_set_idle_timeout(struct cf_conn *c, uint64_t ms);
 void cf_conn_close(struct cf_conn *c, int graceful, const char *reason);
 int cf_conn_is_closing(const struct cf_conn *c);
 
+/* Client side: connect to "host:port" / "[v6]:port" (host may be a name;
+ * resolved asynchronously). client_ctx != NULL starts a TLS handshake once
+ * connected, with SNI and host verification against sni (or host when sni
+ * is NULL; IP literals are checked as IP addresses). Output written before
+ * the connection (or handshake) is up is queued and sent afterwards.
+ * Returns NULL only on immediate failure (bad address syntax, out of
+ * memory); later failures arrive as on_close("connect failed: ..." or
+ * "tls handshake failed: ..."). */
+struct cf_conn *cf_conn_connect(uv_loop_t *loop, const char *host_port, SSL_CTX *client_ctx,
+                                const char *sni, const struct cf_conn_ops *ops, void *data);
+
+/* Split "host:port", "[v6]:port" or "*:port" into host (brackets removed;
+ * "*" becomes "0.0.0.0") and port. Returns 0 or -1. */
+int cf_parse_host_port(const char *s, char *host, size_t hostlen, int *port_r);
+
 /* Listener helper: bind+listen on "host:port" ("127.0.0.1:1143", "[::1]:1143",
- * "*:143"). Returns 0 or a negative uv error; fills err. */
+ * "*:143"; "*" is 0.0.0.0, use "[::]:143" for IPv6; a host name is resolved
+ * synchronously). Returns 0 or a negative uv error; fills err. When bind or
+ * listen fails the handle has been initialised and is already being closed
+ * (uv_close, no callback): keep `server` alive until the loop ran once more.
+ * Also sets SIGPIPE to ignored (as every cf_conn constructor does). */
 int cf_listen_tcp(uv_loop_t *loop, uv_tcp_t *server, const char *addr, int backlog,
                   uv_connection_cb cb, char *err, size_t errlen);
 

@@ -18,11 +18,11 @@ struct cf_frame_dec {
 void cf_frame_dec_init(struct cf_frame_dec *d, size_t max);
 void cf_frame_dec_free(struct cf_frame_dec *d);
 /* Feed bytes. Returns number of bytes consumed (<= len). When a frame is
- * complete, *frame_r/*frame_len_r are set (caller owns *frame_r, free()) and
+ * complete, *frame_r and *frame_len_r are set (caller owns *frame_r, free()) and
  * consumption stops there; call again with the rest. Returns -1 when the
  * announced length exceeds max. */
-long cf_frame_dec_feed(struct cf_frame_dec *d, const uint8_t *data, size_t len,
-                       uint8_t **frame_r, size_t *frame_len_r);
+long cf_frame_dec_feed(struct cf_frame_dec *d, const uint8_t *data, size_t len, uint8_t **frame_r,
+                       size_t *frame_len_r);
 /* Write a 4-byte header for len into hdr. */
 void cf_frame_hdr(uint8_t hdr[4], uint32_t len);
 

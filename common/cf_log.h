@@ -16,7 +16,8 @@ void cf_log_init(const char *ident, enum cf_log_level min_level, int journal);
 int cf_log_level_parse(const char *s, enum cf_log_level *level_r);
 
 void cf_log(enum cf_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void cf_logv(enum cf_log_level level, const char *fmt, va_list ap);
+void cf_logv(enum cf_log_level level, const char *fmt, va_list ap)
+    __attribute__((format(printf, 2, 0)));
 
 #define cf_debug(...) cf_log(CF_LOG_DEBUG, __VA_ARGS__)
 #define cf_info(...) cf_log(CF_LOG_INFO, __VA_ARGS__)

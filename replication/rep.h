@@ -27,7 +27,7 @@ enum rep_status_code {
     REP_ELEADERSHIPLOST = -2, /* outcome unknown: may still commit later */
     REP_ESHUTDOWN = -3,       /* node is stopping */
     REP_ENOMEM = -4,
-    REP_EIO = -5,             /* disk/other error; see log */
+    REP_EIO = -5, /* disk/other error; see log */
     REP_ETOOBIG = -6,
 };
 
@@ -71,12 +71,17 @@ struct rep_info {
 struct rep;
 
 /* Create (does not start). Returns NULL with err on failure. */
-struct rep *rep_create(uv_loop_t *loop, const struct rep_config *cfg,
-                       const struct rep_fsm_ops *ops, void *fsm, char *err, size_t errlen);
+struct rep *rep_create(uv_loop_t *loop, const struct rep_config *cfg, const struct rep_fsm_ops *ops,
+                       void *fsm, char *err, size_t errlen);
 /* Bootstrap if configured and new, then start raft. 0 or -1 with err. */
 int rep_start(struct rep *r, char *err, size_t errlen);
 
-/* Buffer for a proposal (raft_malloc). */
+/* Buffer for a proposal of up to `len` payload bytes (raft_malloc()ed,
+ * with a hidden 8-byte frame header in front and room for padding to a
+ * multiple of 8: libraft 0.15 corrupts its log for entries whose length is
+ * not a multiple of 8, so rep frames every entry; ops->apply sees only the
+ * payload). Free an unproposed buffer with rep_buf_free (never free()).
+ * NULL when out of memory or len > 4 GiB. */
 void *rep_buf_alloc(size_t len);
 void rep_buf_free(void *buf);
 
@@ -84,9 +89,10 @@ void rep_buf_free(void *buf);
  * and applied locally (ops->apply already ran for it). */
 typedef void (*rep_propose_cb)(void *arg, int status);
 
-/* Propose `buf` (from rep_buf_alloc; ownership always passes to rep, even
- * on failure). Returns 0 when in flight (cb will fire exactly once), or a
- * negative rep_status_code synchronously (cb will not fire). */
+/* Propose `buf` (from rep_buf_alloc, len <= the allocated length;
+ * ownership always passes to rep, even on failure). Returns 0 when in
+ * flight (cb will fire exactly once), or a negative rep_status_code
+ * synchronously (cb will not fire). len > max_entry_bytes: REP_ETOOBIG. */
 int rep_propose(struct rep *r, void *buf, size_t len, rep_propose_cb cb, void *arg);
 
 /* Fires cb(arg, REP_OK) once every entry before it is applied (leader only). */

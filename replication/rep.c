@@ -1,0 +1,727 @@
+/* rep: libraft 0.15 (raft_uv + raft_uv_tcp) behind the rep.h contract.
+ * See rep.h for the model and docs/coffer-store.md for operations.
+ *
+ * Ownership summary:
+ *  - proposal buffers: rep_buf_alloc (raft_malloc); rep_propose always takes
+ *    them (freed here when raft_apply refuses, by raft otherwise);
+ *  - proposal requests: malloc()ed struct rep_req, freed in the raft callback;
+ *  - snapshot buffers: FSM version 2, so raft hands them back through
+ *    snapshot_finalize and we free them (descriptor with free(), the
+ *    one-element array with raft_free());
+ *  - restore buffers: raft hands ownership over on success; we raft_free()
+ *    them after ops->restore (which only borrows). */
+#include "rep.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <raft.h>
+#include <raft/uv.h>
+
+#include "cf_log.h"
+
+#define REP_ROLE_POLL_MS 50
+#define REP_CONNECT_RETRY_MS 200
+#define REP_FRAME_HDR 8
+
+struct rep {
+    uv_loop_t *loop;
+    struct raft raft;
+    struct raft_io io;
+    struct raft_uv_transport transport;
+    struct raft_fsm fsm;
+    struct rep_fsm_ops ops;
+    void *fsm_data;
+    struct rep_config cfg; /* strings below are our copies */
+    char *address;
+    char *data_dir;
+
+    uv_timer_t role_timer;
+    int role_timer_init;
+    int last_is_leader;
+    int last_state;
+    void (*role_cb)(void *arg, int is_leader);
+    void *role_arg;
+
+    uint64_t last_apply_index; /* index of the last entry given to ops->apply */
+    uint64_t last_snapshot_index;
+    int fatal; /* ops->apply failed: we refuse further applies */
+
+    int transport_init, io_init, raft_init, started;
+    int closing, closed;
+    int pending_closes;      /* raft_close + role timer */
+    uint64_t close_deadline; /* uv_now() limit for draining log writes */
+    void (*close_cb)(void *arg);
+    void *close_arg;
+};
+
+struct rep_req {
+    union {
+        struct raft_apply apply;
+        struct raft_barrier barrier;
+    } u;
+    struct rep *rep;
+    rep_propose_cb cb;
+    void *arg;
+};
+
+/* ---- helpers ---- */
+
+static int map_status(int rv)
+{
+    switch (rv) {
+    case 0:
+        return REP_OK;
+    case RAFT_NOTLEADER:
+        return REP_ENOTLEADER;
+    case RAFT_LEADERSHIPLOST:
+        return REP_ELEADERSHIPLOST;
+    case RAFT_SHUTDOWN:
+    case RAFT_CANCELED:
+        return REP_ESHUTDOWN;
+    case RAFT_NOMEM:
+        return REP_ENOMEM;
+    case RAFT_TOOBIG:
+        return REP_ETOOBIG;
+    default:
+        return REP_EIO;
+    }
+}
+
+const char *rep_strerror(int status)
+{
+    switch (status) {
+    case REP_OK:
+        return "ok";
+    case REP_ENOTLEADER:
+        return "not leader";
+    case REP_ELEADERSHIPLOST:
+        return "leadership lost (outcome unknown)";
+    case REP_ESHUTDOWN:
+        return "shutting down";
+    case REP_ENOMEM:
+        return "out of memory";
+    case REP_EIO:
+        return "replication I/O error";
+    case REP_ETOOBIG:
+        return "entry too big";
+    default:
+        return "unknown replication error";
+    }
+}
+
+/* Appends a hint when Linux AIO contexts are exhausted (libraft 0.15 treats
+ * io_setup EAGAIN as a hard I/O error at start; fixed upstream later). */
+static void aio_hint(char *buf, size_t len)
+{
+    unsigned long nr = 0, max = 0;
+    FILE *f;
+
+    buf[0] = '\0';
+    f = fopen("/proc/sys/fs/aio-nr", "r");
+    if (f == NULL) return;
+    if (fscanf(f, "%lu", &nr) != 1) nr = 0;
+    fclose(f);
+    f = fopen("/proc/sys/fs/aio-max-nr", "r");
+    if (f == NULL) return;
+    if (fscanf(f, "%lu", &max) != 1) max = 0;
+    fclose(f);
+    if (max == 0 || nr + 128 >= max)
+        snprintf(buf, len,
+                 " (Linux AIO contexts nearly exhausted: fs.aio-nr=%lu fs.aio-max-nr=%lu; "
+                 "raise fs.aio-max-nr with sysctl)",
+                 nr, max);
+}
+
+static const char *state_name(int state)
+{
+    switch (state) {
+    case RAFT_LEADER:
+        return "leader";
+    case RAFT_FOLLOWER:
+        return "follower";
+    case RAFT_CANDIDATE:
+        return "candidate";
+    default:
+        return "unavailable";
+    }
+}
+
+/* ---- FSM glue ---- */
+
+static int frame_open(const struct raft_buffer *buf, const void **data_r, size_t *len_r);
+
+static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void **result)
+{
+    struct rep *r = fsm->data;
+    uint64_t index = raft_last_applied(&r->raft) + 1;
+    const void *data;
+    size_t len;
+    int rv;
+
+    *result = NULL;
+    if (r->fatal) return RAFT_IOERR;
+    if (index <= r->last_apply_index || index > r->raft.commit_index) {
+        /* Our index derivation relies on libraft advancing last_applied
+         * after every entry; if that ever breaks, stop rather than apply
+         * under a wrong index. */
+        cf_crit("rep: inconsistent apply index %" PRIu64 " (last applied by rep %" PRIu64
+                ", commit %" PRIu64 "): stopping apply",
+                index, r->last_apply_index, (uint64_t)r->raft.commit_index);
+        r->fatal = 1;
+        return RAFT_IOERR;
+    }
+    if (frame_open(buf, &data, &len) != 0) {
+        cf_crit("rep: malformed entry frame at index %" PRIu64 " (%zu bytes): stopping apply",
+                index, (size_t)buf->len);
+        r->fatal = 1;
+        return RAFT_IOERR;
+    }
+    rv = r->ops.apply(r->fsm_data, index, data, len);
+    if (rv != 0) {
+        cf_crit("rep: FSM apply failed at index %" PRIu64 ": node stops applying", index);
+        r->fatal = 1;
+        return RAFT_IOERR;
+    }
+    r->last_apply_index = index;
+    return 0;
+}
+
+static int fsm_snapshot(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
+{
+    struct rep *r = fsm->data;
+    uint64_t index = raft_last_applied(&r->raft);
+    void *desc = NULL;
+    size_t len = 0;
+    struct raft_buffer *arr;
+
+    if (r->fatal) return RAFT_IOERR;
+    if (r->ops.snapshot(r->fsm_data, index, &desc, &len) != 0) {
+        cf_error("rep: FSM snapshot at index %" PRIu64 " failed", index);
+        return RAFT_IOERR;
+    }
+    arr = raft_malloc(sizeof *arr);
+    if (arr == NULL) {
+        free(desc);
+        return RAFT_NOMEM;
+    }
+    arr[0].base = desc;
+    arr[0].len = len;
+    *bufs = arr;
+    *n_bufs = 1;
+    r->last_snapshot_index = index;
+    cf_info("rep: snapshot at index %" PRIu64 " (%zu bytes)", index, len);
+    return 0;
+}
+
+static int fsm_snapshot_finalize(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
+{
+    unsigned i;
+
+    (void)fsm;
+    if (*bufs != NULL) {
+        for (i = 0; i < *n_bufs; i++)
+            free((*bufs)[i].base);
+        raft_free(*bufs);
+    }
+    *bufs = NULL;
+    *n_bufs = 0;
+    return 0;
+}
+
+static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
+{
+    struct rep *r = fsm->data;
+
+    if (r->ops.restore(r->fsm_data, buf->base, buf->len) != 0) {
+        cf_crit("rep: FSM restore from snapshot failed");
+        return RAFT_IOERR; /* on failure raft keeps ownership of buf */
+    }
+    raft_free(buf->base);
+    return 0;
+}
+
+/* ---- role tracking ---- */
+
+static void role_check(struct rep *r)
+{
+    int state, is_leader;
+
+    if (!r->started || r->closing) return;
+    state = raft_state(&r->raft);
+    is_leader = state == RAFT_LEADER;
+    if (state != r->last_state) {
+        cf_info("rep: node %" PRIu64 " is now %s (term %" PRIu64 ")", r->cfg.node_id,
+                state_name(state), (uint64_t)r->raft.current_term);
+        r->last_state = state;
+    }
+    if (is_leader != r->last_is_leader) {
+        r->last_is_leader = is_leader;
+        if (r->role_cb != NULL) r->role_cb(r->role_arg, is_leader);
+    }
+}
+
+static void role_timer_cb(uv_timer_t *t)
+{
+    role_check(t->data);
+}
+
+/* ---- lifecycle ---- */
+
+struct rep *rep_create(uv_loop_t *loop, const struct rep_config *cfg, const struct rep_fsm_ops *ops,
+                       void *fsm, char *err, size_t errlen)
+{
+    struct rep *r;
+    char hint[256];
+    int rv;
+
+    if (cfg->node_id == 0 || cfg->address == NULL || cfg->data_dir == NULL || ops == NULL ||
+        ops->apply == NULL || ops->snapshot == NULL || ops->restore == NULL) {
+        snprintf(err, errlen, "rep: invalid configuration (node id, address, data dir, ops)");
+        return NULL;
+    }
+    if (cfg->heartbeat_ms >= cfg->election_timeout_ms) {
+        snprintf(err, errlen,
+                 "rep: heartbeat (%" PRIu64 " ms) must be below the election "
+                 "timeout (%" PRIu64 " ms)",
+                 cfg->heartbeat_ms, cfg->election_timeout_ms);
+        return NULL;
+    }
+    if (cfg->snapshot_threshold == 0 || cfg->snapshot_trailing == 0) {
+        /* libraft 0.15's uv backend takes trailing == 0 as "snapshot was
+         * installed from the leader": it drops every log segment, including
+         * entries appended after the snapshot index (committed entries
+         * vanish on restart). Never let that happen. */
+        snprintf(err, errlen, "rep: snapshot threshold and trailing must be >= 1");
+        return NULL;
+    }
+    r = calloc(1, sizeof *r);
+    if (r == NULL) goto nomem;
+    r->loop = loop;
+    r->cfg = *cfg;
+    r->ops = *ops;
+    r->fsm_data = fsm;
+    r->address = strdup(cfg->address);
+    r->data_dir = strdup(cfg->data_dir);
+    if (r->address == NULL || r->data_dir == NULL) goto nomem;
+    r->cfg.address = r->address;
+    r->cfg.data_dir = r->data_dir;
+    r->last_state = -1;
+
+    r->fsm.version = 2;
+    r->fsm.data = r;
+    r->fsm.apply = fsm_apply;
+    r->fsm.snapshot = fsm_snapshot;
+    r->fsm.restore = fsm_restore;
+    r->fsm.snapshot_finalize = fsm_snapshot_finalize;
+    r->fsm.snapshot_async = NULL;
+
+    rv = raft_uv_tcp_init(&r->transport, loop);
+    if (rv != 0) {
+        snprintf(err, errlen, "rep: raft_uv_tcp_init: %s", raft_strerror(rv));
+        goto fail;
+    }
+    r->transport_init = 1;
+    rv = raft_uv_init(&r->io, loop, r->data_dir, &r->transport);
+    if (rv != 0) {
+        aio_hint(hint, sizeof hint);
+        snprintf(err, errlen, "rep: raft_uv_init(%s): %s: %s%s", r->data_dir, raft_strerror(rv),
+                 r->io.errmsg, hint);
+        goto fail;
+    }
+    r->io_init = 1;
+    rv = raft_init(&r->raft, &r->io, &r->fsm, cfg->node_id, r->address);
+    if (rv != 0) {
+        snprintf(err, errlen, "rep: raft_init: %s: %s", raft_strerror(rv), raft_errmsg(&r->raft));
+        goto fail;
+    }
+    r->raft_init = 1;
+    r->raft.data = r;
+    raft_set_election_timeout(&r->raft, (unsigned)cfg->election_timeout_ms);
+    raft_set_heartbeat_timeout(&r->raft, (unsigned)cfg->heartbeat_ms);
+    raft_set_snapshot_threshold(&r->raft, (unsigned)cfg->snapshot_threshold);
+    raft_set_snapshot_trailing(&r->raft, (unsigned)cfg->snapshot_trailing);
+    raft_set_pre_vote(&r->raft, true);
+    raft_uv_set_connect_retry_delay(&r->io, REP_CONNECT_RETRY_MS);
+    return r;
+
+nomem:
+    snprintf(err, errlen, "rep: out of memory");
+fail:
+    if (r != NULL) {
+        /* Only reached before raft_init succeeded: release synchronously. */
+        if (r->io_init) raft_uv_close(&r->io);
+        if (r->transport_init) raft_uv_tcp_close(&r->transport);
+        free(r->address);
+        free(r->data_dir);
+        free(r);
+    }
+    return NULL;
+}
+
+int rep_start(struct rep *r, char *err, size_t errlen)
+{
+    struct raft_configuration conf;
+    char hint[256];
+    int rv;
+
+    if (r->started || r->closing) {
+        snprintf(err, errlen, "rep: already started or closing");
+        return -1;
+    }
+    if (r->cfg.bootstrap) {
+        raft_configuration_init(&conf);
+        rv = raft_configuration_add(&conf, r->cfg.node_id, r->address, RAFT_VOTER);
+        if (rv != 0) {
+            raft_configuration_close(&conf);
+            snprintf(err, errlen, "rep: configuration: %s", raft_strerror(rv));
+            return -1;
+        }
+        rv = raft_bootstrap(&r->raft, &conf);
+        raft_configuration_close(&conf);
+        if (rv == 0) {
+            cf_notice("rep: bootstrapped new single-voter group (node %" PRIu64 " at %s)",
+                      r->cfg.node_id, r->address);
+        } else if (rv == RAFT_CANTBOOTSTRAP) {
+            cf_debug("rep: data dir already holds a group; not bootstrapping");
+        } else {
+            aio_hint(hint, sizeof hint);
+            snprintf(err, errlen, "rep: bootstrap in %s: %s: %s%s", r->data_dir, raft_strerror(rv),
+                     raft_errmsg(&r->raft), hint);
+            return -1;
+        }
+    }
+    rv = raft_start(&r->raft);
+    if (rv != 0) {
+        aio_hint(hint, sizeof hint);
+        snprintf(err, errlen, "rep: raft_start in %s: %s: %s%s", r->data_dir, raft_strerror(rv),
+                 raft_errmsg(&r->raft), hint);
+        return -1;
+    }
+    r->started = 1;
+    r->last_snapshot_index = r->raft.log.snapshot.last_index;
+    rv = uv_timer_init(r->loop, &r->role_timer);
+    if (rv != 0) {
+        snprintf(err, errlen, "rep: uv_timer_init: %s", uv_strerror(rv));
+        return -1;
+    }
+    r->role_timer.data = r;
+    r->role_timer_init = 1;
+    rv = uv_timer_start(&r->role_timer, role_timer_cb, REP_ROLE_POLL_MS, REP_ROLE_POLL_MS);
+    if (rv != 0) {
+        snprintf(err, errlen, "rep: uv_timer_start: %s", uv_strerror(rv));
+        return -1;
+    }
+    cf_info("rep: started node %" PRIu64 " at %s (dir %s, last index %" PRIu64 ", snapshot %" PRIu64
+            ")",
+            r->cfg.node_id, r->address, r->data_dir, (uint64_t)raft_last_index(&r->raft),
+            r->last_snapshot_index);
+    role_check(r);
+    return 0;
+}
+
+/* ---- proposals ---- */
+
+/* Entry framing. libraft 0.15 as packaged (built with NDEBUG) silently
+ * writes corrupt log segments when an entry's length is not a multiple of
+ * 8: the encoder pads the batch size but not the data cursor (an assert
+ * that is compiled out), and the next start fails with "persisted data is
+ * corrupted: ... entries count ... in preamble is too high". So every
+ * command is framed as
+ *   u32 LE REP_FRAME_MAGIC, u32 LE payload length, payload, zero padding
+ * to a multiple of 8. rep_buf_alloc hands out a pointer just after the
+ * header (the header records the capacity until rep_propose stores the
+ * final length); fsm_apply strips the frame again. */
+#define REP_FRAME_MAGIC 0x50455243u /* "CREP" little-endian */
+
+static size_t pad8(size_t n)
+{
+    return (n + 7) & ~(size_t)7;
+}
+
+static void put_u32le(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16);
+    p[3] = (unsigned char)(v >> 24);
+}
+
+static uint32_t get_u32le(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+void *rep_buf_alloc(size_t len)
+{
+    unsigned char *base;
+
+    if (len > UINT32_MAX - 16) return NULL;
+    base = raft_calloc(1, REP_FRAME_HDR + pad8(len));
+    if (base == NULL) return NULL;
+    put_u32le(base, REP_FRAME_MAGIC);
+    put_u32le(base + 4, (uint32_t)len); /* capacity until proposed */
+    return base + REP_FRAME_HDR;
+}
+
+void rep_buf_free(void *buf)
+{
+    if (buf != NULL) raft_free((unsigned char *)buf - REP_FRAME_HDR);
+}
+
+/* Payload of a framed entry, or -1 when the frame is malformed. */
+static int frame_open(const struct raft_buffer *buf, const void **data_r, size_t *len_r)
+{
+    const unsigned char *p = buf->base;
+    uint32_t len;
+
+    if (buf->len < REP_FRAME_HDR || buf->len % 8 != 0 || get_u32le(p) != REP_FRAME_MAGIC) return -1;
+    len = get_u32le(p + 4);
+    if (REP_FRAME_HDR + pad8(len) != buf->len) return -1;
+    *data_r = p + REP_FRAME_HDR;
+    *len_r = len;
+    return 0;
+}
+
+static void apply_cb(struct raft_apply *req, int status, void *result)
+{
+    struct rep_req *q = req->data;
+
+    (void)result;
+    if (status != 0 && status != RAFT_LEADERSHIPLOST && status != RAFT_SHUTDOWN &&
+        status != RAFT_CANCELED)
+        cf_warn("rep: proposal failed: %s", raft_strerror(status));
+    q->cb(q->arg, map_status(status));
+    free(q);
+}
+
+int rep_propose(struct rep *r, void *buf, size_t len, rep_propose_cb cb, void *arg)
+{
+    struct raft_buffer b;
+    struct rep_req *q;
+    int rv;
+
+    unsigned char *base;
+    int status;
+
+    if (buf == NULL) return REP_ENOMEM;
+    base = (unsigned char *)buf - REP_FRAME_HDR;
+    if (get_u32le(base) != REP_FRAME_MAGIC || len > get_u32le(base + 4)) {
+        /* Not from rep_buf_alloc, or longer than allocated: a caller bug. */
+        cf_error("rep: rep_propose with a buffer not from rep_buf_alloc or overrun");
+        status = REP_EIO;
+        goto refuse;
+    }
+    if (r->closing || !r->started) {
+        status = REP_ESHUTDOWN;
+        goto refuse;
+    }
+    if (r->cfg.max_entry_bytes > 0 && len > r->cfg.max_entry_bytes) {
+        status = REP_ETOOBIG;
+        goto refuse;
+    }
+    if (r->fatal) {
+        status = REP_EIO;
+        goto refuse;
+    }
+    if (raft_state(&r->raft) != RAFT_LEADER) {
+        status = REP_ENOTLEADER;
+        goto refuse;
+    }
+    q = calloc(1, sizeof *q);
+    if (q == NULL) {
+        status = REP_ENOMEM;
+        goto refuse;
+    }
+    q->rep = r;
+    q->cb = cb;
+    q->arg = arg;
+    q->u.apply.data = q;
+    put_u32le(base + 4, (uint32_t)len);
+    memset(base + REP_FRAME_HDR + len, 0, pad8(len) - len);
+    b.base = base;
+    b.len = REP_FRAME_HDR + pad8(len);
+    rv = raft_apply(&r->raft, &q->u.apply, &b, 1, apply_cb);
+    if (rv != 0) {
+        free(q);
+        status = map_status(rv);
+        goto refuse;
+    }
+    return 0;
+
+refuse:
+    raft_free(base);
+    return status;
+}
+
+static void barrier_cb(struct raft_barrier *req, int status)
+{
+    struct rep_req *q = req->data;
+
+    q->cb(q->arg, map_status(status));
+    free(q);
+}
+
+int rep_barrier(struct rep *r, rep_propose_cb cb, void *arg)
+{
+    struct rep_req *q;
+    int rv;
+
+    if (r->closing || !r->started) return REP_ESHUTDOWN;
+    if (raft_state(&r->raft) != RAFT_LEADER) return REP_ENOTLEADER;
+    q = calloc(1, sizeof *q);
+    if (q == NULL) return REP_ENOMEM;
+    q->rep = r;
+    q->cb = cb;
+    q->arg = arg;
+    q->u.barrier.data = q;
+    rv = raft_barrier(&r->raft, &q->u.barrier, barrier_cb);
+    if (rv != 0) {
+        free(q);
+        return map_status(rv);
+    }
+    return 0;
+}
+
+/* ---- state ---- */
+
+int rep_is_leader(const struct rep *r)
+{
+    if (!r->started || r->closing) return 0;
+    return raft_state((struct raft *)&r->raft) == RAFT_LEADER;
+}
+
+void rep_get_info(const struct rep *r, struct rep_info *info_r)
+{
+    struct raft *raft = (struct raft *)&r->raft;
+    raft_id leader_id = 0;
+    const char *leader_addr = NULL;
+    int state;
+
+    memset(info_r, 0, sizeof *info_r);
+    if (!r->started || r->closing) {
+        info_r->role = "unavailable";
+        return;
+    }
+    state = raft_state(raft);
+    info_r->is_leader = state == RAFT_LEADER;
+    info_r->role = state_name(state);
+    info_r->term = raft->current_term;
+    info_r->commit_index = raft->commit_index;
+    info_r->applied_index = raft_last_applied(raft);
+    info_r->last_index = raft_last_index(raft);
+    info_r->last_snapshot_index = raft->log.snapshot.last_index;
+    if (info_r->last_snapshot_index < r->last_snapshot_index)
+        info_r->last_snapshot_index = r->last_snapshot_index;
+    raft_leader(raft, &leader_id, &leader_addr);
+    info_r->leader_id = leader_id;
+    if (leader_addr != NULL)
+        snprintf(info_r->leader_address, sizeof info_r->leader_address, "%s", leader_addr);
+}
+
+void rep_set_role_cb(struct rep *r, void (*cb)(void *arg, int is_leader), void *arg)
+{
+    r->role_cb = cb;
+    r->role_arg = arg;
+}
+
+/* ---- shutdown ---- */
+
+/* libraft 0.15 dereferences NULL inside raft_close() when the leader still
+ * has log appends in flight on disk (the cancelled append callback walks
+ * leader state that raft_close already cleared): seen as a SIGSEGV in
+ * raft_close right after raft_apply. So rep_close first stops taking
+ * proposals and waits (bounded) until every appended entry is stored and
+ * no snapshot write is pending, then calls raft_close. */
+#define REP_DRAIN_POLL_MS 5
+#define REP_DRAIN_MAX_MS 5000
+
+static void close_step_done(struct rep *r)
+{
+    if (--r->pending_closes > 0) return;
+    r->closed = 1;
+    cf_info("rep: closed");
+    if (r->close_cb != NULL) r->close_cb(r->close_arg);
+}
+
+static void role_timer_close_cb(uv_handle_t *h)
+{
+    close_step_done(h->data);
+}
+
+static void on_raft_closed(struct raft *raft)
+{
+    struct rep *r = raft->data;
+
+    /* Only now may the I/O and the transport be released (stack.md 2). */
+    raft_uv_close(&r->io);
+    raft_uv_tcp_close(&r->transport);
+    r->io_init = 0;
+    r->transport_init = 0;
+    close_step_done(r);
+}
+
+static int io_drained(struct rep *r)
+{
+    return r->raft.last_stored >= raft_last_index(&r->raft) && r->raft.snapshot.pending.term == 0;
+}
+
+static void close_now(struct rep *r)
+{
+    if (r->role_timer_init) {
+        r->pending_closes++;
+        uv_timer_stop(&r->role_timer);
+        uv_close((uv_handle_t *)&r->role_timer, role_timer_close_cb);
+    }
+    /* raft_close also closes r->io (io->close); pending requests fire with
+     * an error status meanwhile. */
+    raft_close(&r->raft, on_raft_closed);
+}
+
+static void drain_timer_cb(uv_timer_t *t)
+{
+    struct rep *r = t->data;
+
+    if (!io_drained(r)) {
+        if (uv_now(r->loop) < r->close_deadline) return;
+        cf_warn("rep: closing with log writes still in flight (stored %" PRIu64 " of %" PRIu64 ")",
+                (uint64_t)r->raft.last_stored, (uint64_t)raft_last_index(&r->raft));
+    }
+    close_now(r);
+}
+
+void rep_close(struct rep *r, void (*cb)(void *arg), void *arg)
+{
+    if (r->closing) return;
+    r->closing = 1;
+    r->close_cb = cb;
+    r->close_arg = arg;
+    r->pending_closes = 1; /* raft_close */
+    if (r->role_timer_init && r->started && !io_drained(r)) {
+        r->close_deadline = uv_now(r->loop) + REP_DRAIN_MAX_MS;
+        uv_timer_stop(&r->role_timer);
+        uv_timer_start(&r->role_timer, drain_timer_cb, REP_DRAIN_POLL_MS, REP_DRAIN_POLL_MS);
+        return;
+    }
+    close_now(r);
+}
+
+void rep_destroy(struct rep **rp)
+{
+    struct rep *r;
+
+    if (rp == NULL || *rp == NULL) return;
+    r = *rp;
+    if (r->raft_init && !r->closed) {
+        cf_error("rep: rep_destroy before rep_close completed; leaking");
+        *rp = NULL;
+        return;
+    }
+    free(r->address);
+    free(r->data_dir);
+    free(r);
+    *rp = NULL;
+}
