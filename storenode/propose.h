@@ -19,8 +19,11 @@
 
 typedef void (*propose_cb)(void *arg, int status, struct store_outcome *out);
 
-/* Sets e->leader_time_ms (if 0) and e->request_id (if unset). Returns 0 when
- * in flight, or a negative rep_status_code (cb not called). */
+/* Sets e->leader_time_ms (if 0) and e->request_id (if unset: 16 random
+ * bytes, stored in out->request_id and e->request_id points there, so keep
+ * `out` to retry with the same key; with out == NULL, e is left without a
+ * request_id). `out` is zeroed first. Returns 0 when in flight, or a
+ * negative rep_status_code (cb not called). */
 int propose_entry(struct node *n, Coffer__Entry *e, struct store_outcome *out, propose_cb cb,
                   void *arg);
 

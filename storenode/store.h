@@ -42,7 +42,15 @@
 
 #define STORE_SCHEMA_VERSION 1
 #define STORE_MAX_USERNAME 255
-#define STORE_MAX_MAILBOX_NAME 900 /* bytes of UTF-8; keys must fit LMDB's 511 limit -> see store.c */
+/* Bytes of UTF-8. mbnames/subs keys are user_id(8) + name and LMDB keys are
+ * at most 511 bytes; the FSM refuses longer names with STORE_EINVAL, so
+ * limits.max_mailbox_name must be <= this. */
+#define STORE_MAX_MAILBOX_NAME 480
+/* Longest keyword / ACL identifier the FSM accepts (STORE_EINVAL beyond). */
+#define STORE_MAX_KEYWORD 255
+#define STORE_MAX_IDENTIFIER 255
+/* `requests` entries older than this many log indexes are forgotten. */
+#define STORE_REQUEST_WINDOW 100000
 
 /* System flag bits (same values as coffer.SystemFlag). */
 enum {
@@ -87,18 +95,21 @@ enum store_result {
 /* What an applied entry did, filled for proposals registered with the FSM
  * (see propose.h). Arrays are malloc()ed; store_outcome_clear frees. */
 struct store_outcome {
-    int result;              /* enum store_result */
-    char text[160];          /* human readable when result != OK */
-    uint64_t index;          /* log index = MODSEQ of the change */
-    uint32_t uidvalidity;    /* APPENDUID / COPYUID: destination uidvalidity */
-    uint32_t uid;            /* APPENDUID */
-    uint32_t *src_uids;      /* COPYUID source uids, in order */
-    uint32_t *dst_uids;      /* COPYUID destination uids, parallel */
+    int result;           /* enum store_result */
+    char text[160];       /* human readable when result != OK */
+    uint64_t index;       /* log index = MODSEQ of the change */
+    uint32_t uidvalidity; /* APPENDUID / COPYUID: destination uidvalidity */
+    uint32_t uid;         /* APPENDUID */
+    uint32_t *src_uids;   /* COPYUID source uids, in order */
+    uint32_t *dst_uids;   /* COPYUID destination uids, parallel */
     size_t n_uids;
     uint32_t *modified_uids; /* STORE UNCHANGEDSINCE failures */
     size_t n_modified;
-    int *rcpt_results;       /* Deliver: per-recipient enum store_result */
+    int *rcpt_results; /* Deliver: per-recipient enum store_result */
     size_t n_rcpt;
+    /* The entry's idempotency key (set by propose_entry; the FSM leaves it
+     * alone). Keep it to retry after REP_ELEADERSHIPLOST. */
+    uint8_t request_id[16];
 };
 void store_outcome_clear(struct store_outcome *o);
 
@@ -120,7 +131,9 @@ int store_sync(struct store *st);
 /* Apply one framed entry (see proto/coffer_raft.proto) at log index. Returns
  * 0 (including entries whose outcome is a refusal such as EEXIST: those are
  * still "applied") or -1 for fatal errors (unknown version/op, LMDB failure)
- * after logging them at CRIT. If `out` is non-NULL it receives the outcome. */
+ * after logging them at CRIT. If `out` is non-NULL it receives the outcome
+ * (overwritten, not freed; its request_id is kept). A refused op leaves no
+ * change except the applied index and the remembered request id. */
 int store_apply(struct store *st, uint64_t index, const void *buf, size_t len,
                 struct store_outcome *out);
 
@@ -133,10 +146,10 @@ void store_unregister_waiter(struct store *st, const uint8_t request_id[16]);
 /* ---- change notification (loop thread) ---- */
 
 enum store_change_kind {
-    STORE_CH_APPEND = 1, /* new messages: uids[] ascending */
-    STORE_CH_FLAGS = 2,  /* flags/keywords changed: uids[] */
-    STORE_CH_EXPUNGE = 3,/* messages removed: uids[] ascending */
-    STORE_CH_GONE = 4,   /* mailbox deleted or renamed away (or user deleted) */
+    STORE_CH_APPEND = 1,  /* new messages: uids[] ascending */
+    STORE_CH_FLAGS = 2,   /* flags/keywords changed: uids[] */
+    STORE_CH_EXPUNGE = 3, /* messages removed: uids[] ascending */
+    STORE_CH_GONE = 4,    /* mailbox deleted or renamed away (or user deleted) */
 };
 struct store_change {
     enum store_change_kind kind;
@@ -168,7 +181,7 @@ struct store_user {
     const char *password_hash; /* in map, NUL-terminated */
     int disabled;
     int refuse_delivery;
-    const char *disabled_reason; /* in map, "" when none */
+    const char *disabled_reason;          /* in map, "" when none */
     uint64_t quota_bytes, quota_messages; /* 0 = unlimited */
     uint64_t used_bytes, used_messages;
 };
@@ -191,7 +204,7 @@ struct store_mailbox {
     uint64_t deleted; /* messages with \Deleted */
     uint64_t size;    /* sum of RFC822.SIZE */
     uint32_t special_use;
-    const char *keywords; /* NUL-separated names used in this mailbox, in map */
+    const char *keywords; /* names used in this mailbox, each NUL-terminated, in map */
     size_t keywords_len;
 };
 /* Name is canonical UTF-8 ("INBOX" upper-case). 0, STORE_ENOENT or -1. */
@@ -207,18 +220,23 @@ struct store_msg {
     uint32_t uid;
     uint64_t modseq;
     uint64_t blob_id;
-    uint64_t size;          /* RFC822.SIZE */
-    int64_t internal_date;  /* UTC seconds */
+    uint64_t size;         /* RFC822.SIZE */
+    int64_t internal_date; /* UTC seconds */
     int32_t internal_tz_min;
-    uint32_t flags;         /* STORE_F_* */
-    const char *keywords;   /* NUL-separated, in map */
+    uint32_t flags;       /* STORE_F_* */
+    const char *keywords; /* each NUL-terminated ("a\0b\0"), in map */
     size_t keywords_len;
 };
 int store_msg_get(struct store *st, MDB_txn *txn, uint64_t mailbox_id, uint32_t uid,
                   struct store_msg *m_r);
 /* Iterate messages with uid in [lo, hi] ascending; cb returns non-zero to stop. */
-int store_msg_foreach(struct store *st, MDB_txn *txn, uint64_t mailbox_id, uint32_t lo,
-                      uint32_t hi, int (*cb)(const struct store_msg *m, void *arg), void *arg);
+int store_msg_foreach(struct store *st, MDB_txn *txn, uint64_t mailbox_id, uint32_t lo, uint32_t hi,
+                      int (*cb)(const struct store_msg *m, void *arg), void *arg);
+/* CONDSTORE: messages with modseq > since, in (modseq, uid) order, from the
+ * modseq index; cb returns non-zero to stop. Expunged messages are not
+ * reported (they are gone). */
+int store_msg_changed_since(struct store *st, MDB_txn *txn, uint64_t mailbox_id, uint64_t since,
+                            int (*cb)(uint32_t uid, uint64_t modseq, void *arg), void *arg);
 /* All uids of a mailbox, ascending, into a malloc()ed array. */
 int store_msg_uids(struct store *st, MDB_txn *txn, uint64_t mailbox_id, uint32_t **uids_r,
                    size_t *n_r);
@@ -227,10 +245,14 @@ int store_msg_uids(struct store *st, MDB_txn *txn, uint64_t mailbox_id, uint32_t
 int store_blob_get(struct store *st, MDB_txn *txn, uint64_t blob_id, const char **data_r,
                    size_t *len_r);
 struct store_cache {
-    const char *envelope; size_t envelope_len;
-    const char *bodystructure; size_t bodystructure_len;
-    const char *body; size_t body_len;
-    const char *parts; size_t parts_len; /* mime_tree serialization */
+    const char *envelope;
+    size_t envelope_len;
+    const char *bodystructure;
+    size_t bodystructure_len;
+    const char *body;
+    size_t body_len;
+    const char *parts;
+    size_t parts_len; /* mime_tree serialization */
     int64_t sent_date;
 };
 int store_blob_cache(struct store *st, MDB_txn *txn, uint64_t blob_id, struct store_cache *c_r);
@@ -249,5 +271,62 @@ uint32_t store_rights(struct store *st, MDB_txn *txn, uint64_t user_id,
 /* Content digest (SHA-256 over a canonical walk of users, mailboxes,
  * messages and blobs; hex into out[65]). O(store); for status/tests. */
 int store_digest(struct store *st, char out[65]);
+
+/* ---- internal: shared by store.c and fsm.c only (#define STORE_INTERNAL
+ * before including). Record layouts are documented in store.c. ---- */
+#ifdef STORE_INTERNAL
+#define STORE_WATCH_BUCKETS 256
+#define STORE_WAIT_BUCKETS 64
+
+struct store_waiter {
+    uint8_t id[16];
+    struct store_outcome *out;
+    struct store_waiter *next;
+};
+
+struct store {
+    MDB_env *env;
+    MDB_dbi meta, users, userids, mbnames, mailboxes, msgs, blobs, blobmeta, subs, acl, requests,
+        reqlog, modseq;
+    uint64_t applied;     /* cached meta "applied" */
+    uint8_t group_id[16]; /* cached meta "group_id" */
+    struct store_waiter *waiters[STORE_WAIT_BUCKETS];
+    struct store_watcher *watchers[STORE_WATCH_BUCKETS];
+};
+
+/* Growable encode buffer; oom is set (and data dropped) on allocation failure. */
+struct store_buf {
+    uint8_t *p;
+    size_t len, cap;
+    int oom;
+};
+void store__buf_free(struct store_buf *b);
+
+void store__be64(uint8_t *p, uint64_t v);
+void store__be32(uint8_t *p, uint32_t v);
+uint64_t store__get_be64(const uint8_t *p);
+uint32_t store__get_be32(const uint8_t *p);
+
+/* Decoders return 0, or -1 for a malformed record (strings point into v). */
+int store__user_decode(const MDB_val *v, struct store_user *u);
+int store__mailbox_decode(uint64_t id, const MDB_val *v, struct store_mailbox *mb);
+int store__msg_decode(uint32_t uid, const MDB_val *v, struct store_msg *m);
+int store__blobmeta_decode(const MDB_val *v, uint64_t *refcount_r, uint64_t *size_r,
+                           struct store_cache *c_r);
+/* Encoders append to b (check b->oom). Strings are taken with strlen except
+ * keywords (keywords_len) and cache fields (explicit lengths). */
+void store__user_encode(const struct store_user *u, struct store_buf *b);
+void store__mailbox_encode(const struct store_mailbox *mb, struct store_buf *b);
+void store__msg_encode(const struct store_msg *m, struct store_buf *b);
+void store__blobmeta_encode(uint64_t refcount, uint64_t size, const struct store_cache *c,
+                            struct store_buf *b);
+
+/* Deep copy of an outcome (except request_id). 0 or -1 (ENOMEM). */
+int store__outcome_copy(struct store_outcome *dst, const struct store_outcome *src);
+/* Find the waiter of request_id (NULL if none). */
+struct store_outcome *store__waiter_find(struct store *st, const uint8_t id[16]);
+/* Deliver one change to the mailbox's watchers. */
+void store__notify(struct store *st, const struct store_change *ch);
+#endif
 
 #endif
