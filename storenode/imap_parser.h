@@ -16,8 +16,9 @@
  * or imap_parser_literal_reject(). A rejected synchronising literal ends the
  * command (the client will not send it); a rejected non-synchronising one
  * obliges the session to close the connection (the bytes are already in
- * flight). Literal data is collected in a malloc()ed buffer of exactly n
- * bytes (n <= the limit the session passes in).
+ * flight). Literal data is collected in a malloc()ed buffer (grown as the
+ * bytes arrive, never preallocated from the announced size beyond 64 KiB)
+ * that ends up n bytes + NUL (n <= the limit the session passes in).
  *
  * Limits (set at creation, changeable): max_line (bytes of command text
  * excluding literal data), max_literal, max_depth, max_args. Over a limit
@@ -44,7 +45,8 @@ enum imap_arg_type {
 
 struct imap_arg {
     enum imap_arg_type type;
-    const char *str;  /* ATOM/QUOTED/LITERAL: NUL-terminated copy (literals may contain NULs; use len) */
+    const char
+        *str; /* ATOM/QUOTED/LITERAL: NUL-terminated copy (literals may contain NULs; use len) */
     size_t len;
     struct imap_arg *list; /* LIST: children */
     size_t n_list;
@@ -76,10 +78,10 @@ struct imap_parser_limits {
 
 struct imap_literal_info {
     uint64_t size;
-    int non_sync;       /* {n+} */
-    const char *tag;    /* tag and name so far (may be NULL) */
+    int non_sync;    /* {n+} */
+    const char *tag; /* tag and name so far (may be NULL) */
     const char *name;
-    size_t arg_index;   /* index among top-level args the literal will take */
+    size_t arg_index; /* index among top-level args the literal will take */
 };
 
 struct imap_parser;
@@ -101,7 +103,10 @@ enum imap_parse_result imap_parser_feed(struct imap_parser *p, const char *buf, 
 /* Current pending literal (valid after IMAP_PARSE_LITERAL). */
 const struct imap_literal_info *imap_parser_literal(const struct imap_parser *p);
 /* Accept: parser will collect `size` bytes (max_bytes overrides max_literal
- * for this literal, e.g. max message size for APPEND). */
+ * for this literal, e.g. max message size for APPEND; 0 = max_literal). If
+ * size exceeds that limit, the next feed returns IMAP_PARSE_ERROR "literal
+ * too big" (with the tag) and skips the literal bytes and the rest of the
+ * line - so check the size BEFORE sending "+ " and reject instead. */
 void imap_parser_literal_accept(struct imap_parser *p, uint64_t max_bytes);
 /* Reject: the command is abandoned. Returns 1 if the session must close the
  * connection (non-synchronising literal already in flight), else 0. */
@@ -111,7 +116,7 @@ int imap_parser_literal_reject(struct imap_parser *p);
 char *imap_parser_take_literal(struct imap_parser *p, struct imap_arg *arg, size_t *len_r);
 
 /* Read a raw line (AUTHENTICATE continuation, IDLE's DONE): returns 1 and
- * the line without CRLF in *line_r/*len_r (valid until next feed), 0 if more
+ * the line without CRLF in *line_r and *len_r (valid until next feed), 0 if more
  * input is needed, -1 if over max_line. */
 int imap_parser_read_line(struct imap_parser *p, const char *buf, size_t len, size_t *used_r,
                           const char **line_r, size_t *len_r);
@@ -130,7 +135,9 @@ char *imap_utf8_to_mutf7(const char *in, size_t len);
 /* Sequence sets "1,3:5,7:*". Parsed into ranges; '*' becomes `star`.
  * Ranges are normalised (lo <= hi), sorted and merged. Returns 0 or -1. $ is
  * not supported (SEARCHRES) yet. max_ranges bounds memory. */
-struct imap_seq_range { uint32_t lo, hi; };
+struct imap_seq_range {
+    uint32_t lo, hi;
+};
 int imap_seqset_parse(const char *s, size_t len, uint32_t star, struct imap_seq_range **ranges_r,
                       size_t *n_r, size_t max_ranges);
 int imap_seqset_contains(const struct imap_seq_range *r, size_t n, uint32_t v);

@@ -103,4 +103,42 @@ int mime_search_body(const char *msg, size_t len, const struct mime_tree *t, con
 /* TEXT: header or body. */
 int mime_search_text(const char *msg, size_t len, const struct mime_tree *t, const char *needle);
 
+/* ---- Lower-level helpers (shared by mime.c and mime_search.c; usable by
+ * FETCH code too). ---- */
+
+/* One header field. name is NULL for a line without ':' (still skipped).
+ * raw covers the whole field incl. continuation lines and its CRLF; value
+ * is the text after ':' up to (not incl.) the final CRLF, still folded. */
+struct mime_field {
+    const char *name;
+    size_t name_len;
+    const char *raw;
+    size_t raw_len;
+    const char *value;
+    size_t value_len;
+};
+/* Iterate fields of hdr[0..len) from *pos; returns 1 and fills *f, or 0 at
+ * the blank line / end. */
+int mime_field_next(const char *hdr, size_t len, size_t *pos, struct mime_field *f);
+/* Append v unfolded (CR/LF dropped) and trimmed of surrounding WSP. */
+void mime_unfold(const char *v, size_t n, struct mbuf *out);
+/* Append s as an IMAP string: quoted ("\" and "\"" escaped), or a literal
+ * {n}CRLF... when it has CR/LF/NUL/8-bit bytes or is longer than 1024. */
+void mime_imap_string(struct mbuf *b, const char *s, size_t n);
+/* ENVELOPE of the header block hdr[0..len); BODY (ext=0) or BODYSTRUCTURE
+ * (ext=1) of part idx. */
+void mime_render_envelope(const char *hdr, size_t len, struct mbuf *out);
+void mime_render_body(const char *msg, const struct mime_tree *t, uint32_t idx, int ext,
+                      struct mbuf *out);
+
+enum mime_charset { MIME_CS_UTF8, MIME_CS_ASCII, MIME_CS_LATIN1, MIME_CS_OTHER };
+enum mime_encoding { MIME_ENC_IDENTITY, MIME_ENC_QP, MIME_ENC_BASE64 };
+/* Charset name (optionally with an RFC 2231 "*lang" suffix) -> kind. */
+int mime_charset_kind(const char *cs, size_t n);
+void mime_latin1_to_utf8(const char *s, size_t n, struct mbuf *out);
+/* For a leaf part: 1 if its content type is text (incl. the default),
+ * with its transfer encoding and charset kind; 0 otherwise. */
+int mime_part_text_info(const char *msg, const struct mime_tree *t, uint32_t idx, int *encoding_r,
+                        int *charset_r);
+
 #endif
