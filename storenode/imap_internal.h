@@ -20,6 +20,13 @@
  * imap_cmd_done() per command. While a command runs, reading is paused, so
  * commands of one session never overlap.
  *
+ * After any asynchronous wait (Raft commit, output drain) `s->conn` may be
+ * NULL: the client went away meanwhile. Writers are no-ops on a NULL conn
+ * (cf_conn_* accept NULL), but handlers must not rely on the conn. The
+ * session itself stays allocated until the running command calls
+ * imap_cmd_done(), which may then free it: never touch `s` after
+ * imap_cmd_done().
+ *
  * Views: a selected session keeps its own MSN->UID map (`uids`), changed
  * only when it sends EXPUNGE/EXISTS to the client. Changes by anyone
  * (including this session, since every change goes through the FSM) arrive
