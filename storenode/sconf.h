@@ -8,42 +8,42 @@
 
 struct sconf {
     /* [node] */
-    uint64_t node_id;            /* node.id, default 1 */
-    char *data_dir;              /* node.data_dir, default /var/lib/coffer */
-    char *log_level;             /* node.log_level, default info */
+    uint64_t node_id; /* node.id, default 1 */
+    char *data_dir;   /* node.data_dir, default /var/lib/coffer */
+    char *log_level;  /* node.log_level, default info */
     /* [raft] */
-    char *raft_address;          /* raft.address, default 127.0.0.1:7001 */
-    int raft_bootstrap;          /* raft.bootstrap, default yes */
-    uint64_t election_timeout_ms;/* raft.election_timeout, default 1s */
-    uint64_t heartbeat_ms;       /* raft.heartbeat, default 100ms */
-    uint64_t snapshot_threshold; /* raft.snapshot_threshold, default 1024 */
-    uint64_t snapshot_trailing;  /* raft.snapshot_trailing, default 512 */
+    char *raft_address;           /* raft.address, default 127.0.0.1:7001 */
+    int raft_bootstrap;           /* raft.bootstrap, default yes */
+    uint64_t election_timeout_ms; /* raft.election_timeout, default 1s */
+    uint64_t heartbeat_ms;        /* raft.heartbeat, default 100ms */
+    uint64_t snapshot_threshold;  /* raft.snapshot_threshold, default 1024 */
+    uint64_t snapshot_trailing;   /* raft.snapshot_trailing, default 512 */
     /* [lmdb] */
-    uint64_t map_size;           /* lmdb.map_size, default 64G (sparse) */
+    uint64_t map_size; /* lmdb.map_size, default 64G (sparse) */
     /* [tls] */
-    char *tls_cert;              /* tls.cert */
-    char *tls_key;               /* tls.key */
-    char *tls_ca;                /* tls.ca (verifies admin and proxy client certs) */
-    char *tls_min_version;       /* tls.min_version, default TLSv1.2 */
-    char *tls_ciphers;           /* tls.ciphers */
+    char *tls_cert;        /* tls.cert */
+    char *tls_key;         /* tls.key */
+    char *tls_ca;          /* tls.ca (verifies admin and proxy client certs) */
+    char *tls_min_version; /* tls.min_version, default TLSv1.2 */
+    char *tls_ciphers;     /* tls.ciphers */
     /* [imap] */
-    char *imap_listen;           /* imap.listen, default 127.0.0.1:143 ("" = off) */
-    char *imaps_listen;          /* imap.listen_tls, default 127.0.0.1:993 */
+    char *imap_listen;  /* imap.listen, default 127.0.0.1:143 ("" = off) */
+    char *imaps_listen; /* imap.listen_tls, default 127.0.0.1:993 */
     /* [pop3] */
-    char *pop3_listen;           /* pop3.listen, default 127.0.0.1:110 */
-    char *pop3s_listen;          /* pop3.listen_tls, default 127.0.0.1:995 */
+    char *pop3_listen;  /* pop3.listen, default 127.0.0.1:110 */
+    char *pop3s_listen; /* pop3.listen_tls, default 127.0.0.1:995 */
     /* [admin] */
-    char *admin_listen;          /* admin.listen, default 127.0.0.1:7443 */
-    char *admin_secret_file;     /* admin.secret_file: file holding the secret (mode 0600) */
-    char *admin_secret;          /* loaded from admin_secret_file (not a key) */
+    char *admin_listen;      /* admin.listen, default 127.0.0.1:7443 */
+    char *admin_secret_file; /* admin.secret_file: file holding the secret (mode 0600) */
+    char *admin_secret;      /* loaded from admin_secret_file (not a key) */
     /* [auth] */
-    int allow_plaintext;         /* auth.allow_plaintext, default no */
-    unsigned scrypt_ln;          /* auth.scrypt_log2n, default 14 */
+    int allow_plaintext; /* auth.allow_plaintext, default no */
+    unsigned scrypt_ln;  /* auth.scrypt_log2n, default 14 */
     /* [limits] */
     uint64_t max_line;           /* limits.max_line, default 64k */
     uint64_t max_literal;        /* limits.max_literal (non-APPEND literals), default 64k */
     uint64_t max_message;        /* limits.max_message, default 50M */
-    uint64_t max_mailbox_name;   /* limits.max_mailbox_name, default 512 (bytes UTF-8) */
+    uint64_t max_mailbox_name;   /* limits.max_mailbox_name, default 400 (bytes UTF-8, <= 480) */
     uint64_t max_mailbox_depth;  /* limits.max_mailbox_depth, default 20 */
     uint64_t max_sessions;       /* limits.max_sessions, default 10000 */
     uint64_t max_bad_commands;   /* limits.max_bad_commands, default 20 */
