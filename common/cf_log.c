@@ -98,7 +98,7 @@ static void emit_locked(enum cf_log_level level, const char *msg)
 }
 
 __attribute__((format(printf, 2, 0))) void cf_logv(enum cf_log_level level, const char *fmt,
-                                                  va_list ap)
+                                                   va_list ap)
 {
     char msg[CF_LOG_LINE_MAX];
 

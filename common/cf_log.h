@@ -6,7 +6,14 @@
 
 #include <stdarg.h>
 
-enum cf_log_level { CF_LOG_DEBUG = 7, CF_LOG_INFO = 6, CF_LOG_NOTICE = 5, CF_LOG_WARN = 4, CF_LOG_ERR = 3, CF_LOG_CRIT = 2 };
+enum cf_log_level {
+    CF_LOG_DEBUG = 7,
+    CF_LOG_INFO = 6,
+    CF_LOG_NOTICE = 5,
+    CF_LOG_WARN = 4,
+    CF_LOG_ERR = 3,
+    CF_LOG_CRIT = 2
+};
 
 /* Set the program name (SYSLOG_IDENTIFIER), the minimum level written, and
  * whether to also send to the journal (journal=1 tries sd_journal; if the

@@ -25,6 +25,7 @@ struct auth_req {
     char *password; /* wiped and freed in the after-work cb */
     size_t password_len;
     char client[64];
+    char proxy[64]; /* "" when the client connected directly */
     unsigned scrypt_ln;
     auth_cb cb;
     void *arg;
@@ -117,7 +118,7 @@ static void auth_after(uv_work_t *w, int status)
         r->reply.result = AUTH_ERROR;
         r->audit = "error";
     }
-    cf_log_audit_login(r->proto, r->username, r->client, NULL, r->audit);
+    cf_log_audit_login(r->proto, r->username, r->client, r->proxy[0] ? r->proxy : NULL, r->audit);
     if (r->reply.result != AUTH_OK && r->reply.result != AUTH_DISABLED) {
         r->reply.user_id = 0;
         r->reply.disabled_reason[0] = '\0';
@@ -131,13 +132,14 @@ static void auth_after(uv_work_t *w, int status)
 
 struct auth_req *auth_verify(struct node *n, const char *proto, const char *username,
                              const char *password, size_t password_len, const char *client_addr,
-                             auth_cb cb, void *arg)
+                             const char *proxy_addr, auth_cb cb, void *arg)
 {
     struct auth_req *r = calloc(1, sizeof(*r));
     if (r == NULL) return NULL;
     r->n = n;
     snprintf(r->proto, sizeof(r->proto), "%s", proto);
     snprintf(r->client, sizeof(r->client), "%s", client_addr ? client_addr : "-");
+    snprintf(r->proxy, sizeof(r->proxy), "%s", proxy_addr ? proxy_addr : "");
     r->username = strdup(username);
     r->password = malloc(password_len + 1);
     if (r->username == NULL || r->password == NULL) goto fail;

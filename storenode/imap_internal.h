@@ -67,11 +67,11 @@ void u32vec_free(struct u32vec *a);
 
 struct imap_selected {
     uint64_t mailbox_id;
-    char *name; /* UTF-8 */
+    char *name;   /* UTF-8 */
     int readonly; /* EXAMINE, or no write rights */
     uint32_t uidvalidity;
-    uint32_t rights; /* STORE_R_* */
-    struct u32vec uids;  /* MSN i (1-based) -> uids.v[i-1], ascending */
+    uint32_t rights;         /* STORE_R_* */
+    struct u32vec uids;      /* MSN i (1-based) -> uids.v[i-1], ascending */
     uint32_t recent_min_uid; /* uids >= this are \Recent to this session */
     uint32_t max_uid_known;  /* highest uid announced via EXISTS */
     struct store_watcher watcher;
@@ -88,7 +88,7 @@ struct imap_session {
     struct imap_parser *parser;
     enum imap_state state;
     int tls;
-    char *username;   /* canonical, after login */
+    char *username; /* canonical, after login */
     uint64_t user_id;
     struct imap_selected sel; /* valid in IMAP_S_SELECTED */
 
@@ -109,7 +109,9 @@ struct imap_session {
     int utf8_enabled;
     uint64_t bad_commands;
     struct auth_req *auth_req;
-    char peer[64];
+    char peer[64];       /* client address (as vouched for by a trusted proxy) */
+    char proxy_peer[64]; /* the proxy's own address when it passed one; "" otherwise */
+    int trusted_proxy;   /* connected on the proxy-only listener (client cert verified) */
     struct imap_session *next, *prev; /* node-wide session list */
 };
 

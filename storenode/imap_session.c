@@ -21,6 +21,7 @@
  */
 #include <stdarg.h>
 #include <stddef.h>
+#include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,6 +57,7 @@ struct imap_priv {
     int allow_expunge;  /* EXPUNGE responses allowed for the running command */
     int greet_pending;  /* implicit TLS: greet once the handshake is done */
     const char *refuse; /* BYE text sent instead of the greeting */
+    char refuse_buf[192];
     unsigned tls_gen;   /* bumped on STARTTLS: the rest of the read is dropped */
     int in_auth_call;   /* inside auth_verify() */
     int auth_sync_done; /* auth callback ran inside auth_verify() */
@@ -368,13 +370,17 @@ void imap_accept(struct node *n, uv_stream_t *server, int implicit_tls)
     ps->inbuf = malloc(INBUF_MAX);
     s->parser = imap_parser_create(&preauth_limits);
     if (ps->inbuf == NULL || s->parser == NULL) goto fail;
-    if (implicit_tls && n->tls == NULL) {
+    SSL_CTX *ctx = implicit_tls == LISTEN_PROXY ? n->proxy_tls : implicit_tls ? n->tls : NULL;
+    if (implicit_tls && ctx == NULL) {
         cf_error("imap: implicit TLS listener without a TLS context");
         goto fail;
     }
-    s->conn = cf_conn_accept(n->loop, server, implicit_tls ? n->tls : NULL, &imap_conn_ops, s);
+    s->conn = cf_conn_accept(n->loop, server, ctx, &imap_conn_ops, s);
     if (s->conn == NULL) goto fail;
-    s->tls = implicit_tls;
+    s->tls = implicit_tls != LISTEN_PLAIN;
+    /* The proxy listener's TLS context requires a client certificate from
+     * tls.ca, so a session there that completes its handshake is a proxy. */
+    s->trusted_proxy = implicit_tls == LISTEN_PROXY;
     snprintf(s->peer, sizeof(s->peer), "%s", cf_conn_peer(s->conn));
     s->next = session_list;
     if (session_list) session_list->prev = s;
@@ -386,7 +392,7 @@ void imap_accept(struct node *n, uv_stream_t *server, int implicit_tls)
     else if (cfg->max_sessions > 0 && n->total_sessions >= cfg->max_sessions)
         ps->refuse = "[UNAVAILABLE] too many sessions";
     else if (n->rep != NULL && !rep_is_leader(n->rep))
-        ps->refuse = "[UNAVAILABLE] not leader";
+        ps->refuse = node_not_leader_text(n, ps->refuse_buf, sizeof(ps->refuse_buf));
     if (ps->refuse == NULL) {
         ps->counted = 1;
         n->imap_sessions++;
@@ -752,6 +758,22 @@ static void id_append(char *buf, size_t cap, const struct imap_arg *a)
     buf[l] = '\0';
 }
 
+/* A trusted proxy passes the client's address as ID "x-originating-ip";
+ * only a valid IPv4/IPv6 literal is taken. */
+static void id_take_client_address(struct imap_session *s, const struct imap_arg *list)
+{
+    for (size_t i = 0; i + 1 < list->n_list; i += 2) {
+        const struct imap_arg *k = &list->list[i], *v = &list->list[i + 1];
+        unsigned char tmp[sizeof(struct in6_addr)];
+        if (!imap_arg_eq(k, "x-originating-ip") || !imap_arg_is_string(v)) continue;
+        if (v->len == 0 || v->len >= sizeof(s->peer) || memchr(v->str, '\0', v->len)) continue;
+        if (inet_pton(AF_INET, v->str, tmp) != 1 && inet_pton(AF_INET6, v->str, tmp) != 1) continue;
+        if (s->proxy_peer[0] == '\0') snprintf(s->proxy_peer, sizeof(s->proxy_peer), "%s", s->peer);
+        snprintf(s->peer, sizeof(s->peer), "%s", v->str);
+        cf_info("imap %s: client address %s passed by trusted proxy", s->proxy_peer, s->peer);
+    }
+}
+
 static void cmd_id(struct imap_session *s, struct imap_command *cmd, int uid)
 {
     (void)uid;
@@ -780,6 +802,7 @@ static void cmd_id(struct imap_session *s, struct imap_command *cmd, int uid)
             id_append(logbuf, sizeof(logbuf), it);
         }
         cf_info("imap %s: client ID %s", s->peer, logbuf);
+        if (s->trusted_proxy && s->state == IMAP_S_NOTAUTH) id_take_client_address(s, a);
     } else if (a->type != IMAP_ARG_NIL) {
         imap_cmd_done(s, "BAD", NULL, "Invalid ID parameter list.");
         return;
@@ -897,8 +920,8 @@ static void start_auth(struct imap_session *s, const char *user, const char *pas
     struct imap_priv *ps = PRIV(s);
     ps->in_auth_call = 1;
     ps->auth_sync_done = 0;
-    struct auth_req *req =
-        auth_verify(s->node, "imap", user, pass, pass_len, s->peer, auth_done, s);
+    struct auth_req *req = auth_verify(s->node, "imap", user, pass, pass_len, s->peer,
+                                       s->proxy_peer[0] ? s->proxy_peer : NULL, auth_done, s);
     ps->in_auth_call = 0;
     if (ps->auth_sync_done) return; /* already answered */
     if (req == NULL) {
@@ -921,7 +944,8 @@ static void cmd_login(struct imap_session *s, struct imap_command *cmd, int uid)
         char user[64];
         snprintf(user, sizeof(user), "%.*s", (int)(u->len < 63 ? u->len : 63), u->str);
         sanitize(user);
-        cf_log_audit_login("imap", user, s->peer, NULL, "plaintext-refused");
+        cf_log_audit_login("imap", user, s->peer, s->proxy_peer[0] ? s->proxy_peer : NULL,
+                           "plaintext-refused");
         imap_cmd_done(s, "NO", "PRIVACYREQUIRED",
                       "Plaintext authentication disallowed on non-secure connections.");
         return;
@@ -960,7 +984,8 @@ static void cmd_authenticate(struct imap_session *s, struct imap_command *cmd, i
         return;
     }
     if (!plaintext_ok(s)) {
-        cf_log_audit_login("imap", "", s->peer, NULL, "plaintext-refused");
+        cf_log_audit_login("imap", "", s->peer, s->proxy_peer[0] ? s->proxy_peer : NULL,
+                           "plaintext-refused");
         imap_cmd_done(s, "NO", "PRIVACYREQUIRED",
                       "Plaintext authentication disallowed on non-secure connections.");
         return;

@@ -7,6 +7,13 @@
 
 #include "node.h"
 
+/* implicit_tls: LISTEN_PLAIN (STARTTLS available), LISTEN_TLS (implicit TLS
+ * with n->tls), LISTEN_PROXY (implicit TLS with n->proxy_tls: the peer is a
+ * proxy authenticated by its client certificate, and only such a session
+ * believes the client address the proxy passes on: IMAP `ID
+ * ("x-originating-ip" ...)`, POP3 `XCLIENT ADDR=...`, before login). */
+enum { LISTEN_PLAIN = 0, LISTEN_TLS = 1, LISTEN_PROXY = 2 };
+
 void imap_accept(struct node *n, uv_stream_t *server, int implicit_tls);
 void pop3_accept(struct node *n, uv_stream_t *server, int implicit_tls);
 void admin_accept(struct node *n, uv_stream_t *server);

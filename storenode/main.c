@@ -42,7 +42,16 @@
  * travel with a message of limits.max_message bytes. */
 #define ENTRY_OVERHEAD (1024 * 1024)
 
-enum listener_kind { L_IMAP, L_IMAPS, L_POP3, L_POP3S, L_ADMIN, L_COUNT };
+enum listener_kind {
+    L_IMAP,
+    L_IMAPS,
+    L_POP3,
+    L_POP3S,
+    L_ADMIN,
+    L_IMAP_PROXY,
+    L_POP3_PROXY,
+    L_COUNT
+};
 
 struct daemon;
 
@@ -72,7 +81,8 @@ struct daemon {
     int forced_exit;
 };
 
-static const char *const listener_names[L_COUNT] = {"imap", "imaps", "pop3", "pop3s", "admin"};
+static const char *const listener_names[L_COUNT] = {"imap",  "imaps",      "pop3",      "pop3s",
+                                                    "admin", "imap_proxy", "pop3_proxy"};
 
 /* ---- helpers ---- */
 
@@ -324,6 +334,12 @@ static void on_connection(uv_stream_t *server, int status)
     case L_ADMIN:
         admin_accept(&d->n, server);
         break;
+    case L_IMAP_PROXY:
+        imap_accept(&d->n, server, LISTEN_PROXY);
+        break;
+    case L_POP3_PROXY:
+        pop3_accept(&d->n, server, LISTEN_PROXY);
+        break;
     default:
         break;
     }
@@ -331,8 +347,9 @@ static void on_connection(uv_stream_t *server, int status)
 
 static int start_listeners(struct daemon *d, char *err, size_t errlen)
 {
-    const char *addrs[L_COUNT] = {d->cfg.imap_listen, d->cfg.imaps_listen, d->cfg.pop3_listen,
-                                  d->cfg.pop3s_listen, d->cfg.admin_listen};
+    const char *addrs[L_COUNT] = {
+        d->cfg.imap_listen,  d->cfg.imaps_listen,      d->cfg.pop3_listen,      d->cfg.pop3s_listen,
+        d->cfg.admin_listen, d->cfg.imap_proxy_listen, d->cfg.pop3_proxy_listen};
     char lerr[256];
     int i, rv;
 
@@ -344,6 +361,10 @@ static int start_listeners(struct daemon *d, char *err, size_t errlen)
         if (addrs[i] == NULL || addrs[i][0] == '\0') continue;
         if ((i == L_IMAPS || i == L_POP3S) && d->n.tls == NULL) {
             snprintf(err, errlen, "%s listener needs tls.cert/tls.key", listener_names[i]);
+            return -1;
+        }
+        if ((i == L_IMAP_PROXY || i == L_POP3_PROXY) && d->n.proxy_tls == NULL) {
+            snprintf(err, errlen, "%s listener needs tls.cert/tls.key/tls.ca", listener_names[i]);
             return -1;
         }
         if (i == L_ADMIN && d->n.admin_tls == NULL) {
@@ -543,6 +564,15 @@ static int make_tls(struct daemon *d, char *err, size_t errlen)
         return -1;
     }
     if (d->cfg.tls_ca != NULL) SSL_CTX_set_verify(d->n.admin_tls, SSL_VERIFY_PEER, NULL);
+    /* Proxy-only listeners: a client certificate from tls.ca is required. */
+    if (d->cfg.tls_ca != NULL) {
+        o.require_client_cert = 1;
+        d->n.proxy_tls = cf_tls_server_ctx(&o, terr, sizeof terr);
+        if (d->n.proxy_tls == NULL) {
+            snprintf(err, errlen, "TLS (proxy listeners): %s", terr);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -550,8 +580,10 @@ static void free_tls(struct daemon *d)
 {
     SSL_CTX_free(d->n.tls);
     SSL_CTX_free(d->n.admin_tls);
+    SSL_CTX_free(d->n.proxy_tls);
     d->n.tls = NULL;
     d->n.admin_tls = NULL;
+    d->n.proxy_tls = NULL;
 }
 
 static void close_walk_cb(uv_handle_t *h, void *arg)

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <arpa/inet.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,7 +54,7 @@ static const struct {
     {"LIST", POP3_CMD_LIST}, {"RETR", POP3_CMD_RETR}, {"DELE", POP3_CMD_DELE},
     {"NOOP", POP3_CMD_NOOP}, {"RSET", POP3_CMD_RSET}, {"QUIT", POP3_CMD_QUIT},
     {"TOP", POP3_CMD_TOP},   {"UIDL", POP3_CMD_UIDL}, {"CAPA", POP3_CMD_CAPA},
-    {"STLS", POP3_CMD_STLS}, {"AUTH", POP3_CMD_AUTH},
+    {"STLS", POP3_CMD_STLS}, {"AUTH", POP3_CMD_AUTH}, {"XCLIENT", POP3_CMD_XCLIENT},
 };
 
 /* Decimal, no sign, fits in 32 bits. */
@@ -84,7 +85,7 @@ int pop3_parse_line(const char *line, size_t len, struct pop3_cmd *cmd_r)
     if (memchr(line, '\0', len) != NULL) return POP3_PARSE_UNKNOWN;
     while (kwlen < len && line[kwlen] != ' ')
         kwlen++;
-    if (kwlen < 3 || kwlen > 4) return POP3_PARSE_UNKNOWN;
+    if (kwlen < 3 || kwlen > 7) return POP3_PARSE_UNKNOWN;
     cmd.id = 0;
     for (i = 0; i < sizeof(pop3_keywords) / sizeof(pop3_keywords[0]); i++) {
         if (strlen(pop3_keywords[i].name) == kwlen &&
@@ -98,7 +99,7 @@ int pop3_parse_line(const char *line, size_t len, struct pop3_cmd *cmd_r)
      * may be longer, up to POP3_MAX_AUTH_LINE. */
     if (cmd.id != POP3_CMD_AUTH && len > POP3_MAX_LINE - 2) return POP3_PARSE_TOOLONG;
 
-    if (cmd.id == POP3_CMD_PASS) {
+    if (cmd.id == POP3_CMD_PASS || cmd.id == POP3_CMD_XCLIENT) {
         /* RFC 1939: the password is the rest of the line (may hold spaces). */
         if (kwlen + 1 >= len) return POP3_PARSE_BADARGS;
         cmd.arg = line + kwlen + 1;
@@ -175,6 +176,7 @@ int pop3_parse_line(const char *line, size_t len, struct pop3_cmd *cmd_r)
         if (ntok > 2) return POP3_PARSE_BADARGS;
         break;
     case POP3_CMD_PASS:
+    case POP3_CMD_XCLIENT:
         break; /* handled above */
     }
     *cmd_r = cmd;
@@ -284,6 +286,8 @@ struct pop3_session {
     int refuse_on_tls;   /* implicit TLS: close once the handshake is done */
     uint64_t bad;
     char client[64];
+    char proxy[64];    /* trusted proxy that passed `client` (XCLIENT), "" otherwise */
+    int trusted_proxy; /* on the proxy-only listener */
 
     char user[POP3_MAX_ARG + 1]; /* from USER */
     int have_user;
@@ -452,7 +456,8 @@ static void auth_done(void *arg, const struct auth_reply *r)
 static void start_auth(struct pop3_session *s, const char *user, const char *pass, size_t pass_len)
 {
     s->have_user = 0;
-    s->auth_req = auth_verify(s->n, "pop3", user, pass, pass_len, s->client, auth_done, s);
+    s->auth_req = auth_verify(s->n, "pop3", user, pass, pass_len, s->client,
+                              s->proxy[0] ? s->proxy : NULL, auth_done, s);
     if (s->auth_req == NULL) {
         reply(s, "-ERR [SYS/TEMP] Internal error, try again later");
         return;
@@ -775,12 +780,50 @@ static void list_like(struct pop3_session *s, const struct pop3_cmd *cmd, int ui
     cf_conn_write(s->c, buf, o);
 }
 
+/* XCLIENT ADDR=<ip> [PORT=<n>] (as Dovecot's POP3 proxying does): a trusted
+ * proxy passes the client's address for the audit log. Others get -ERR. */
+static void cmd_xclient(struct pop3_session *s, const struct pop3_cmd *cmd)
+{
+    const char *p = cmd->arg, *end = cmd->arg + cmd->arg_len;
+    int took = 0;
+
+    if (!s->trusted_proxy) {
+        bad_command(s, "XCLIENT is only accepted from trusted proxies");
+        return;
+    }
+    while (p < end) {
+        const char *sp = memchr(p, ' ', (size_t)(end - p));
+        size_t n = sp ? (size_t)(sp - p) : (size_t)(end - p);
+        if (n > 5 && strncasecmp(p, "ADDR=", 5) == 0 && n - 5 < sizeof(s->client)) {
+            char ip[sizeof(s->client)];
+            unsigned char tmp[sizeof(struct in6_addr)];
+            memcpy(ip, p + 5, n - 5);
+            ip[n - 5] = '\0';
+            if (inet_pton(AF_INET, ip, tmp) == 1 || inet_pton(AF_INET6, ip, tmp) == 1) {
+                if (s->proxy[0] == '\0') snprintf(s->proxy, sizeof(s->proxy), "%s", s->client);
+                snprintf(s->client, sizeof(s->client), "%s", ip);
+                took = 1;
+            }
+        }
+        p += n;
+        while (p < end && *p == ' ')
+            p++;
+    }
+    if (!took) {
+        reply(s, "-ERR XCLIENT needs ADDR=<ip address>");
+        return;
+    }
+    cf_info("pop3 %s: client address %s passed by trusted proxy", s->proxy, s->client);
+    reply(s, "+OK");
+}
+
 static void handle_auth_state(struct pop3_session *s, const struct pop3_cmd *cmd)
 {
     switch (cmd->id) {
     case POP3_CMD_USER:
         if (!plaintext_ok(s)) {
-            cf_log_audit_login("pop3", "", s->client, NULL, "plaintext-refused");
+            cf_log_audit_login("pop3", "", s->client, s->proxy[0] ? s->proxy : NULL,
+                               "plaintext-refused");
             reply(s, "-ERR [AUTH] Plaintext authentication disallowed; use STLS");
             return;
         }
@@ -791,7 +834,8 @@ static void handle_auth_state(struct pop3_session *s, const struct pop3_cmd *cmd
         return;
     case POP3_CMD_PASS: {
         if (!plaintext_ok(s)) {
-            cf_log_audit_login("pop3", "", s->client, NULL, "plaintext-refused");
+            cf_log_audit_login("pop3", "", s->client, s->proxy[0] ? s->proxy : NULL,
+                               "plaintext-refused");
             reply(s, "-ERR [AUTH] Plaintext authentication disallowed; use STLS");
             return;
         }
@@ -815,7 +859,8 @@ static void handle_auth_state(struct pop3_session *s, const struct pop3_cmd *cmd
             return;
         }
         if (!plaintext_ok(s)) {
-            cf_log_audit_login("pop3", "", s->client, NULL, "plaintext-refused");
+            cf_log_audit_login("pop3", "", s->client, s->proxy[0] ? s->proxy : NULL,
+                               "plaintext-refused");
             reply(s, "-ERR [AUTH] Plaintext authentication disallowed; use STLS");
             return;
         }
@@ -835,6 +880,9 @@ static void handle_auth_state(struct pop3_session *s, const struct pop3_cmd *cmd
         return;
     case POP3_CMD_STLS:
         cmd_stls(s);
+        return;
+    case POP3_CMD_XCLIENT:
+        cmd_xclient(s, cmd);
         return;
     case POP3_CMD_QUIT:
         do_quit(s);
@@ -896,6 +944,7 @@ static void handle_trans_state(struct pop3_session *s, const struct pop3_cmd *cm
     case POP3_CMD_PASS:
     case POP3_CMD_AUTH:
     case POP3_CMD_STLS:
+    case POP3_CMD_XCLIENT:
         reply(s, "-ERR Already logged in");
         return;
     }
@@ -1060,7 +1109,15 @@ void pop3_accept(struct node *n, uv_stream_t *server, int implicit_tls)
         return;
     }
     s->n = n;
-    s->c = cf_conn_accept(n->loop, server, implicit_tls ? n->tls : NULL, &pop3_ops, s);
+    SSL_CTX *ctx = implicit_tls == LISTEN_PROXY ? n->proxy_tls : implicit_tls ? n->tls : NULL;
+    if (implicit_tls && ctx == NULL) {
+        cf_error("pop3: implicit TLS listener without a TLS context");
+        free(s);
+        return;
+    }
+    /* The proxy listener requires a client certificate from tls.ca. */
+    s->trusted_proxy = implicit_tls == LISTEN_PROXY;
+    s->c = cf_conn_accept(n->loop, server, ctx, &pop3_ops, s);
     if (s->c == NULL) {
         free(s);
         return;
@@ -1075,8 +1132,11 @@ void pop3_accept(struct node *n, uv_stream_t *server, int implicit_tls)
     cf_conn_set_max_unconsumed(s->c, 64 * 1024);
     cf_conn_set_idle_timeout(s->c, n->cfg->preauth_timeout_ms);
     const char *refusal = NULL;
-    if (n->stopping || (n->rep != NULL && !rep_is_leader(n->rep)))
-        refusal = "not leader";
+    char nl[192];
+    if (n->stopping)
+        refusal = "server shutting down";
+    else if (n->rep != NULL && !rep_is_leader(n->rep))
+        refusal = node_not_leader_text(n, nl, sizeof nl) + strlen("[UNAVAILABLE] ");
     else if (full)
         refusal = "Too many sessions, try again later";
     if (refusal != NULL) {

@@ -43,6 +43,7 @@ enum pop3_cmd_id {
     POP3_CMD_CAPA,
     POP3_CMD_STLS,
     POP3_CMD_AUTH,
+    POP3_CMD_XCLIENT, /* XCLIENT ADDR=<ip> [PORT=<n>]: trusted proxies only */
 };
 
 /* A parsed command. Pointers point into the parsed line (borrowed: valid
@@ -52,7 +53,8 @@ struct pop3_cmd {
     int has_msg;      /* LIST/UIDL: a message number was given; always 1 for RETR/DELE/TOP */
     uint32_t msg;     /* message number (1..UINT32_MAX; 0 is parsed but names no message) */
     uint32_t lines;   /* TOP: number of body lines */
-    const char *arg;  /* USER name, PASS password (may contain spaces), AUTH mechanism */
+    const char *arg;  /* USER name, PASS password (may contain spaces), AUTH mechanism,
+                       * XCLIENT attributes (rest of the line) */
     size_t arg_len;   /* 0 when absent (AUTH with no mechanism lists them) */
     const char *arg2; /* AUTH: initial response ("=" = empty), NULL when absent */
     size_t arg2_len;

@@ -40,6 +40,8 @@ static const char *const known_keys[][2] = {
     {"imap", "listen_tls"},
     {"pop3", "listen"},
     {"pop3", "listen_tls"},
+    {"imap", "listen_proxy"},
+    {"pop3", "listen_proxy"},
     {"admin", "listen"},
     {"admin", "secret_file"},
     {"auth", "allow_plaintext"},
@@ -91,6 +93,8 @@ void sconf_free(struct sconf *c)
     free(c->imaps_listen);
     free(c->pop3_listen);
     free(c->pop3s_listen);
+    free(c->imap_proxy_listen);
+    free(c->pop3_proxy_listen);
     free(c->admin_listen);
     free(c->admin_secret_file);
     if (c->admin_secret != NULL) {
@@ -122,6 +126,8 @@ void sconf_defaults(struct sconf *c)
     c->imaps_listen = xstrdup_or_null("127.0.0.1:993");
     c->pop3_listen = xstrdup_or_null("127.0.0.1:110");
     c->pop3s_listen = xstrdup_or_null("127.0.0.1:995");
+    c->imap_proxy_listen = xstrdup_or_null("");
+    c->pop3_proxy_listen = xstrdup_or_null("");
     c->admin_listen = xstrdup_or_null("127.0.0.1:7443");
     c->admin_secret_file = NULL;
     c->admin_secret = NULL;
@@ -287,10 +293,15 @@ fail:
 static int validate(struct sconf *c, char *err, size_t errlen)
 {
     enum cf_log_level lvl;
-    const char *addrs[6][3] = {
-        {"raft", "address", c->raft_address},    {"imap", "listen", c->imap_listen},
-        {"imap", "listen_tls", c->imaps_listen}, {"pop3", "listen", c->pop3_listen},
-        {"pop3", "listen_tls", c->pop3s_listen}, {"admin", "listen", c->admin_listen},
+    const char *addrs[8][3] = {
+        {"raft", "address", c->raft_address},
+        {"imap", "listen", c->imap_listen},
+        {"imap", "listen_tls", c->imaps_listen},
+        {"pop3", "listen", c->pop3_listen},
+        {"pop3", "listen_tls", c->pop3s_listen},
+        {"admin", "listen", c->admin_listen},
+        {"imap", "listen_proxy", c->imap_proxy_listen},
+        {"pop3", "listen_proxy", c->pop3_proxy_listen},
     };
     int i, j, need_tls;
 
@@ -308,11 +319,11 @@ static int validate(struct sconf *c, char *err, size_t errlen)
                  c->log_level != NULL ? c->log_level : "");
         return -1;
     }
-    for (i = 0; i < 6; i++)
+    for (i = 0; i < 8; i++)
         if (check_addr(addrs[i][0], addrs[i][1], addrs[i][2], i > 0, err, errlen) != 0) return -1;
-    for (i = 0; i < 6; i++) {
+    for (i = 0; i < 8; i++) {
         if (addrs[i][2] == NULL || addrs[i][2][0] == '\0') continue;
-        for (j = i + 1; j < 6; j++) {
+        for (j = i + 1; j < 8; j++) {
             if (addrs[j][2] != NULL && strcmp(addrs[i][2], addrs[j][2]) == 0) {
                 snprintf(err, errlen, "%s.%s and %s.%s both use %s", addrs[i][0], addrs[i][1],
                          addrs[j][0], addrs[j][1], addrs[i][2]);
@@ -345,6 +356,13 @@ static int validate(struct sconf *c, char *err, size_t errlen)
     need_tls = (c->imaps_listen != NULL && c->imaps_listen[0] != '\0') ||
                (c->pop3s_listen != NULL && c->pop3s_listen[0] != '\0') ||
                (c->admin_listen != NULL && c->admin_listen[0] != '\0') || !c->allow_plaintext;
+    if ((c->imap_proxy_listen[0] != '\0' || c->pop3_proxy_listen[0] != '\0') &&
+        (c->tls_ca == NULL || c->tls_cert == NULL)) {
+        snprintf(err, errlen,
+                 "imap.listen_proxy / pop3.listen_proxy need tls.cert, tls.key and tls.ca "
+                 "(proxies are authenticated by client certificates from tls.ca)");
+        return -1;
+    }
     if (need_tls && (c->tls_cert == NULL || c->tls_key == NULL)) {
         snprintf(err, errlen,
                  "tls.cert and tls.key are required (TLS listeners are enabled or "
@@ -363,7 +381,8 @@ static int validate(struct sconf *c, char *err, size_t errlen)
         range_u64("limits", "max_line", c->max_line, 8192, 16 * MIB, err, errlen) ||
         range_u64("limits", "max_literal", c->max_literal, 1024, 64 * MIB, err, errlen) ||
         range_u64("limits", "max_message", c->max_message, 1024, 1 * GIB, err, errlen) ||
-        range_u64("limits", "max_mailbox_name", c->max_mailbox_name, 16, STORE_MAX_MAILBOX_NAME, err, errlen) ||
+        range_u64("limits", "max_mailbox_name", c->max_mailbox_name, 16, STORE_MAX_MAILBOX_NAME,
+                  err, errlen) ||
         range_u64("limits", "max_mailbox_depth", c->max_mailbox_depth, 1, 256, err, errlen) ||
         range_u64("limits", "max_sessions", c->max_sessions, 1, 1000000, err, errlen) ||
         range_u64("limits", "max_bad_commands", c->max_bad_commands, 1, 100000, err, errlen) ||
@@ -421,6 +440,8 @@ int sconf_load(const char *path, struct sconf *c, char *err, size_t errlen)
     STR("imap", "listen_tls", imaps_listen, 0);
     STR("pop3", "listen", pop3_listen, 0);
     STR("pop3", "listen_tls", pop3s_listen, 0);
+    STR("imap", "listen_proxy", imap_proxy_listen, 0);
+    STR("pop3", "listen_proxy", pop3_proxy_listen, 0);
     STR("admin", "listen", admin_listen, 0);
     STR("admin", "secret_file", admin_secret_file, 1);
     TYPED(cf_config_bool, "auth", "allow_plaintext", allow_plaintext);

@@ -32,6 +32,11 @@ struct sconf {
     /* [pop3] */
     char *pop3_listen;  /* pop3.listen, default 127.0.0.1:110 */
     char *pop3s_listen; /* pop3.listen_tls, default 127.0.0.1:995 */
+    /* Proxy-only listeners (implicit TLS; a client certificate issued by
+     * tls.ca is required; only there is the client address a proxy passes
+     * (IMAP ID x-originating-ip, POP3 XCLIENT ADDR=) believed). "" = off. */
+    char *imap_proxy_listen; /* imap.listen_proxy, default "" */
+    char *pop3_proxy_listen; /* pop3.listen_proxy, default "" */
     /* [admin] */
     char *admin_listen;      /* admin.listen, default 127.0.0.1:7443 */
     char *admin_secret_file; /* admin.secret_file: file holding the secret (mode 0600) */
