@@ -994,7 +994,12 @@ void cf_conn_close(struct cf_conn *c, int graceful, const char *reason)
 {
     if (!c) return;
     if (c->state != ST_OPEN) return;
-    snprintf(c->reason, sizeof(c->reason), "%s", reason ? reason : "closed");
+    {
+        const char *r = reason ? reason : "closed";
+        size_t n = strnlen(r, sizeof(c->reason) - 1); /* long reasons are cut */
+        memcpy(c->reason, r, n);
+        c->reason[n] = '\0';
+    }
     c->state = ST_FLUSHING;
     uv_timer_stop(&c->timer);
     conn_update_reading(c);
