@@ -15,6 +15,8 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
 #include <termios.h>
 #include <unistd.h>
 
@@ -48,6 +50,7 @@ static const char usage_text[] =
     "  --config FILE        INI file with a [ctl] section: server, ca, cert, key,\n"
     "                       secret_file, tls_name (command-line options win)\n"
     "  --json               machine-readable output (status)\n"
+    "  --standby            node add: add as a non-voting standby\n"
     "  --help               show this help and exit\n"
     "\n"
     "Commands:\n"
@@ -60,7 +63,18 @@ static const char usage_text[] =
     "  user delete NAME                    delete a user and all their mail\n"
     "  user list                           list users with usage and quotas\n"
     "  mailbox list USER                   list a user's mailboxes\n"
-    "  status [--json]                     node status: role, term, indexes, digest\n"
+    "  status [--json]                     node and group status: every member's id,\n"
+    "                                      address, role, term, commit/applied index,\n"
+    "                                      last snapshot, digest (members are asked\n"
+    "                                      over their admin RPC)\n"
+    "  group bootstrap                     make the (uninitialised) --server node the\n"
+    "                                      only voter of a new group\n"
+    "  node add ADMIN_ADDR [--standby]     add the uninitialised node whose admin RPC\n"
+    "                                      is ADMIN_ADDR (voter, or standby)\n"
+    "  node remove ID                      remove a member; the node is told to stop\n"
+    "  leader transfer [ID]                hand leadership to node ID (default: the\n"
+    "                                      most up-to-date voter)\n"
+    "  Membership commands go to the leader: --server may name any member.\n"
     "  quota set USER [--storage SIZE] [--messages N]\n"
     "                                      set quotas (0 = unlimited; SIZE like 500M)\n"
     "\n"
@@ -70,6 +84,7 @@ struct ctl_opts {
     const char *server, *ca, *cert, *key, *secret_file, *tls_name, *config;
     const char *password, *reason, *storage, *messages;
     int json;
+    int standby;
     const char *pos[8];
     int npos;
 };
@@ -118,6 +133,10 @@ static int parse_args(int argc, char **argv, struct ctl_opts *o)
             }
             if (nlen == 6 && strncmp(a, "--json", 6) == 0 && !eq) {
                 o->json = 1;
+                continue;
+            }
+            if (nlen == 9 && strncmp(a, "--standby", 9) == 0 && !eq) {
+                o->standby = 1;
                 continue;
             }
             for (k = 0; k < sizeof(valued) / sizeof(valued[0]); k++)
@@ -331,10 +350,16 @@ static void ctl_disconnect(struct ctl_conn *cc)
     cc->fd = -1;
 }
 
+static int ctl_connect_to(const struct ctl_opts *o, const char *server, struct ctl_conn *cc);
+
 static int ctl_connect(const struct ctl_opts *o, struct ctl_conn *cc)
 {
+    return ctl_connect_to(o, o->server ? o->server : CTL_DEFAULT_SERVER, cc);
+}
+
+static int ctl_connect_to(const struct ctl_opts *o, const char *server, struct ctl_conn *cc)
+{
     char host[256], port[16], err[256];
-    const char *server = o->server ? o->server : CTL_DEFAULT_SERVER;
     const char *name;
     unsigned char ipbuf[16];
 
@@ -431,6 +456,44 @@ static void json_str(FILE *f, const char *s)
     fputc('"', f);
 }
 
+/* Is host (numeric or name) an address of this machine? */
+static int host_is_local(const char *hostport)
+{
+    char host[256], port[16];
+    struct addrinfo hints, *res = NULL, *ai;
+    struct ifaddrs *ifs = NULL, *i;
+    int local = 0;
+
+    if (hostport == NULL || split_hostport(hostport, host, sizeof(host), port, sizeof(port)) != 0)
+        return 0;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(host, NULL, &hints, &res) != 0) return 0;
+    if (getifaddrs(&ifs) != 0) ifs = NULL;
+    for (ai = res; ai != NULL && !local; ai = ai->ai_next) {
+        if (ai->ai_family == AF_INET) {
+            const struct sockaddr_in *a = (const struct sockaddr_in *)ai->ai_addr;
+            if ((ntohl(a->sin_addr.s_addr) >> 24) == 127) local = 1;
+            for (i = ifs; i != NULL && !local; i = i->ifa_next)
+                if (i->ifa_addr && i->ifa_addr->sa_family == AF_INET &&
+                    ((const struct sockaddr_in *)i->ifa_addr)->sin_addr.s_addr ==
+                        a->sin_addr.s_addr)
+                    local = 1;
+        } else if (ai->ai_family == AF_INET6) {
+            const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ai->ai_addr;
+            if (IN6_IS_ADDR_LOOPBACK(&a->sin6_addr)) local = 1;
+            for (i = ifs; i != NULL && !local; i = i->ifa_next)
+                if (i->ifa_addr && i->ifa_addr->sa_family == AF_INET6 &&
+                    memcmp(&((const struct sockaddr_in6 *)i->ifa_addr)->sin6_addr, &a->sin6_addr,
+                           16) == 0)
+                    local = 1;
+        }
+    }
+    if (ifs) freeifaddrs(ifs);
+    freeaddrinfo(res);
+    return local;
+}
+
 static void print_status(const Coffer__NodeStatus *ns, int json)
 {
     if (json) {
@@ -439,9 +502,13 @@ static void print_status(const Coffer__NodeStatus *ns, int json)
         json_str(f, ns->group_id);
         fprintf(f, ",\"role\":");
         json_str(f, ns->role);
+        fprintf(f, ",\"state\":");
+        json_str(f, ns->state ? ns->state : "member");
         fprintf(f, ",\"term\":%llu,\"commit\":%llu,\"applied\":%llu,\"last_snapshot\":%llu",
                 (unsigned long long)ns->term, (unsigned long long)ns->commit_index,
                 (unsigned long long)ns->applied_index, (unsigned long long)ns->last_snapshot_index);
+        fprintf(f, ",\"leader_id\":%llu,\"leader_admin\":", (unsigned long long)ns->leader_id);
+        json_str(f, ns->leader_admin);
         fprintf(f, ",\"digest\":");
         json_str(f, ns->digest);
         fprintf(f,
@@ -458,17 +525,24 @@ static void print_status(const Coffer__NodeStatus *ns, int json)
             json_str(f, m->address);
             fprintf(f, ",\"role\":");
             json_str(f, m->role);
-            fprintf(f, ",\"term\":%llu,\"commit\":%llu,\"applied\":%llu,\"digest\":",
+            fprintf(f, ",\"term\":%llu,\"commit\":%llu,\"applied\":%llu,\"last_snapshot\":%llu",
                     (unsigned long long)m->term, (unsigned long long)m->commit,
-                    (unsigned long long)m->applied);
+                    (unsigned long long)m->applied, (unsigned long long)m->last_snapshot);
+            fprintf(f, ",\"digest\":");
             json_str(f, m->digest);
-            fprintf(f, ",\"pid\":%u}", (unsigned)m->pid);
+            fprintf(f, ",\"admin_address\":");
+            json_str(f, m->admin_address);
+            fprintf(f, ",\"imap_address\":");
+            json_str(f, m->imap_address);
+            fprintf(f, ",\"reachable\":%s", m->reachable ? "true" : "false");
+            if (m->has_pid && m->pid) fprintf(f, ",\"pid\":%u", (unsigned)m->pid);
+            fprintf(f, "}");
         }
         fprintf(f, "]}\n");
         return;
     }
     printf("node id:        %llu\n", (unsigned long long)ns->node_id);
-    printf("group id:       %s\n", ns->group_id ? ns->group_id : "");
+    printf("group id:       %s\n", ns->group_id && ns->group_id[0] ? ns->group_id : "-");
     printf("role:           %s\n", ns->role ? ns->role : "");
     printf("term:           %llu\n", (unsigned long long)ns->term);
     printf("commit index:   %llu\n", (unsigned long long)ns->commit_index);
@@ -482,14 +556,108 @@ static void print_status(const Coffer__NodeStatus *ns, int json)
            (unsigned long long)ns->lmdb_map_size);
     printf("pid:            %u\n", (unsigned)ns->pid);
     printf("version:        %s\n", ns->version ? ns->version : "");
-    printf("\n%-6s %-22s %-10s %8s %10s %10s %8s  %s\n", "ID", "ADDRESS", "ROLE", "TERM", "COMMIT",
-           "APPLIED", "PID", "DIGEST");
+    printf("\n%-4s %-22s %-10s %6s %9s %9s %9s %8s  %s\n", "ID", "ADDRESS", "ROLE", "TERM",
+           "COMMIT", "APPLIED", "SNAPSHOT", "PID", "DIGEST");
     for (size_t i = 0; i < ns->n_members; i++) {
         const Coffer__MemberStatus *m = ns->members[i];
-        printf("%-6llu %-22s %-10s %8llu %10llu %10llu %8u  %s\n", (unsigned long long)m->id,
+        char pid[16] = "-";
+        if (m->has_pid && m->pid) snprintf(pid, sizeof(pid), "%u", (unsigned)m->pid);
+        printf("%-4llu %-22s %-10s %6llu %9llu %9llu %9llu %8s  %s\n", (unsigned long long)m->id,
                m->address, m->role, (unsigned long long)m->term, (unsigned long long)m->commit,
-               (unsigned long long)m->applied, (unsigned)m->pid, m->digest ? m->digest : "-");
+               (unsigned long long)m->applied, (unsigned long long)m->last_snapshot, pid,
+               m->reachable ? (m->digest && m->digest[0] ? m->digest : "-") : "(unreachable)");
     }
+}
+
+/* One request to `server` (NULL: --server); the response or NULL (message
+ * printed unless quiet). */
+static Coffer__AdminResponse *call_server(const struct ctl_opts *o, const char *server,
+                                          Coffer__AdminRequest *req)
+{
+    struct ctl_conn cc = {.fd = -1};
+    Coffer__AdminResponse *resp;
+    if ((server ? ctl_connect_to(o, server, &cc) : ctl_connect(o, &cc)) != 0) return NULL;
+    resp = ctl_call(&cc, req);
+    ctl_disconnect(&cc);
+    return resp;
+}
+
+/* Like call_server, but a "not leader" answer that names the leader's admin
+ * address is retried there (once or twice, across an election). */
+static Coffer__AdminResponse *call_leader(const struct ctl_opts *o, Coffer__AdminRequest *req)
+{
+    char target[256];
+    Coffer__AdminResponse *resp = call_server(o, NULL, req);
+    for (int hop = 0; hop < 3 && resp != NULL && !resp->ok && resp->leader_admin != NULL &&
+                      resp->leader_admin[0] != '\0';
+         hop++) {
+        snprintf(target, sizeof(target), "%s", resp->leader_admin);
+        coffer__admin_response__free_unpacked(resp, NULL);
+        resp = call_server(o, target, req);
+    }
+    return resp;
+}
+
+/* Complete the members of a status with each member's own answer. The
+ * answers are kept in *extra (freed by the caller). */
+static void status_fan_out(const struct ctl_opts *o, Coffer__NodeStatus *ns, const char *secret,
+                           Coffer__AdminResponse ***extra_r, size_t *n_extra_r)
+{
+    Coffer__AdminResponse **extra = calloc(ns->n_members ? ns->n_members : 1, sizeof(*extra));
+    size_t n_extra = 0;
+    *extra_r = extra;
+    *n_extra_r = 0;
+    if (extra == NULL) return;
+    for (size_t i = 0; i < ns->n_members; i++) {
+        Coffer__MemberStatus *m = ns->members[i];
+        Coffer__AdminResponse *r;
+        Coffer__AdminRequest q = COFFER__ADMIN_REQUEST__INIT;
+        Coffer__StatusReq sr = COFFER__STATUS_REQ__INIT;
+        if (m->id == ns->node_id) {
+            m->reachable = 1;
+            m->has_reachable = 1;
+            if (!host_is_local(ns->admin_address)) m->has_pid = 0;
+            continue;
+        }
+        m->has_reachable = 1;
+        m->reachable = 0;
+        m->has_pid = 0;
+        if (m->admin_address == NULL || m->admin_address[0] == '\0') continue;
+        q.secret = (char *)secret;
+        q.cmd_case = COFFER__ADMIN_REQUEST__CMD_STATUS;
+        q.status = &sr;
+        r = call_server(o, m->admin_address, &q);
+        if (r == NULL) continue;
+        extra[n_extra++] = r;
+        if (!r->ok || r->status == NULL || r->status->node_id != m->id) continue;
+        m->reachable = 1;
+        m->has_term = m->has_commit = m->has_applied = m->has_last_snapshot = 1;
+        m->term = r->status->term;
+        m->commit = r->status->commit_index;
+        m->applied = r->status->applied_index;
+        m->last_snapshot = r->status->last_snapshot_index;
+        /* Strings of an unpacked message are separate malloc()s that
+         * free_unpacked releases: replace them with owned copies. */
+        if (r->status->digest) {
+            char *dg = strdup(r->status->digest);
+            if (dg) {
+                free(m->digest);
+                m->digest = dg;
+            }
+        }
+        if (r->status->role) {
+            char *ro = strdup(r->status->role);
+            if (ro) {
+                free(m->role);
+                m->role = ro;
+            }
+        }
+        if (host_is_local(m->admin_address)) {
+            m->has_pid = 1;
+            m->pid = r->status->pid;
+        }
+    }
+    *n_extra_r = n_extra;
 }
 
 static void print_users(const Coffer__AdminResponse *r)
@@ -575,6 +743,139 @@ static int only_opts(const struct ctl_opts *o, int password, int reason, int quo
     return 0;
 }
 
+/* ---- cluster commands ---- */
+
+static int print_result(Coffer__AdminResponse *resp)
+{
+    if (resp == NULL) return 1;
+    if (!resp->ok) {
+        fprintf(stderr, "cofferctl: error: %s\n", resp->error ? resp->error : "failed");
+        return 1;
+    }
+    printf("%s\n", resp->message ? resp->message : "ok");
+    return 0;
+}
+
+/* node add: ask the new node for its identity and addresses, make it start
+ * Raft, then have the leader add it. */
+static int cmd_node_add(const struct ctl_opts *o, const char *new_admin, const char *secret)
+{
+    Coffer__AdminRequest q = COFFER__ADMIN_REQUEST__INIT;
+    Coffer__StatusReq sr = COFFER__STATUS_REQ__INIT;
+    Coffer__NodeJoinReq nj = COFFER__NODE_JOIN_REQ__INIT;
+    Coffer__NodeAddReq na = COFFER__NODE_ADD_REQ__INIT;
+    Coffer__AdminResponse *st = NULL, *lead = NULL, *r = NULL;
+    int ret = 1;
+
+    q.secret = (char *)secret;
+    q.cmd_case = COFFER__ADMIN_REQUEST__CMD_STATUS;
+    q.status = &sr;
+    st = call_server(o, new_admin, &q);
+    if (st == NULL) goto out;
+    if (!st->ok || st->status == NULL) {
+        fprintf(stderr, "cofferctl: new node %s: %s\n", new_admin,
+                st->error ? st->error : "no status");
+        goto out;
+    }
+    lead = call_leader(o, &q);
+    if (lead == NULL) goto out;
+    if (!lead->ok || lead->status == NULL) {
+        fprintf(stderr, "cofferctl: leader status: %s\n", lead->error ? lead->error : "failed");
+        goto out;
+    }
+    if (st->status->group_id && st->status->group_id[0] && lead->status->group_id &&
+        strcmp(st->status->group_id, lead->status->group_id) != 0) {
+        fprintf(stderr, "cofferctl: node %s belongs to group %s, not to group %s; refusing\n",
+                new_admin, st->status->group_id, lead->status->group_id);
+        goto out;
+    }
+    q.cmd_case = COFFER__ADMIN_REQUEST__CMD_NODE_JOIN;
+    q.node_join = &nj;
+    r = call_server(o, new_admin, &q);
+    if (r == NULL) goto out;
+    if (!r->ok) {
+        fprintf(stderr, "cofferctl: node %s cannot join: %s\n", new_admin,
+                r->error ? r->error : "");
+        goto out;
+    }
+    coffer__admin_response__free_unpacked(r, NULL);
+    r = NULL;
+    na.node_id = st->status->node_id;
+    na.raft_address = st->status->raft_address;
+    na.imap_address = st->status->imap_address;
+    na.imaps_address = st->status->imaps_address;
+    na.pop3_address = st->status->pop3_address;
+    na.pop3s_address = st->status->pop3s_address;
+    na.admin_address = st->status->admin_address;
+    na.has_standby = 1;
+    na.standby = o->standby;
+    if (na.raft_address == NULL || na.raft_address[0] == '\0') {
+        fprintf(stderr, "cofferctl: node %s did not report its Raft address\n", new_admin);
+        goto out;
+    }
+    q.cmd_case = COFFER__ADMIN_REQUEST__CMD_NODE_ADD;
+    q.node_add = &na;
+    r = call_leader(o, &q);
+    ret = print_result(r);
+out:
+    if (st) coffer__admin_response__free_unpacked(st, NULL);
+    if (lead) coffer__admin_response__free_unpacked(lead, NULL);
+    if (r) coffer__admin_response__free_unpacked(r, NULL);
+    return ret;
+}
+
+/* node remove: the leader removes it, then the node is told to stop. */
+static int cmd_node_remove(const struct ctl_opts *o, uint64_t id, const char *secret)
+{
+    Coffer__AdminRequest q = COFFER__ADMIN_REQUEST__INIT;
+    Coffer__StatusReq sr = COFFER__STATUS_REQ__INIT;
+    Coffer__NodeRemoveReq nr = COFFER__NODE_REMOVE_REQ__INIT;
+    Coffer__NodeLeaveReq nl = COFFER__NODE_LEAVE_REQ__INIT;
+    Coffer__AdminResponse *lead = NULL, *r = NULL;
+    char admin[256] = "", group[64] = "";
+    int ret = 1;
+
+    q.secret = (char *)secret;
+    q.cmd_case = COFFER__ADMIN_REQUEST__CMD_STATUS;
+    q.status = &sr;
+    lead = call_leader(o, &q);
+    if (lead != NULL && lead->ok && lead->status != NULL) {
+        snprintf(group, sizeof(group), "%s", lead->status->group_id ? lead->status->group_id : "");
+        for (size_t i = 0; i < lead->status->n_members; i++)
+            if (lead->status->members[i]->id == id && lead->status->members[i]->admin_address)
+                snprintf(admin, sizeof(admin), "%s", lead->status->members[i]->admin_address);
+    }
+    q.cmd_case = COFFER__ADMIN_REQUEST__CMD_NODE_REMOVE;
+    nr.node_id = id;
+    q.node_remove = &nr;
+    r = call_leader(o, &q);
+    ret = print_result(r);
+    if (ret != 0) goto out;
+    coffer__admin_response__free_unpacked(r, NULL);
+    r = NULL;
+    if (admin[0] == '\0') {
+        fprintf(stderr,
+                "cofferctl: warning: admin address of node %llu unknown; stop it yourself\n",
+                (unsigned long long)id);
+        goto out;
+    }
+    q.cmd_case = COFFER__ADMIN_REQUEST__CMD_NODE_LEAVE;
+    nl.group_id = group;
+    q.node_leave = &nl;
+    r = call_server(o, admin, &q);
+    if (r == NULL || !r->ok)
+        fprintf(stderr,
+                "cofferctl: warning: node %llu (%s) was not told to stop (%s); it stops by "
+                "itself if it sees the change, otherwise stop it and wipe its data dir\n",
+                (unsigned long long)id, admin, r && r->error ? r->error : "unreachable");
+    else
+        printf("node %llu told to stop\n", (unsigned long long)id);
+out:
+    if (lead) coffer__admin_response__free_unpacked(lead, NULL);
+    if (r) coffer__admin_response__free_unpacked(r, NULL);
+    return ret;
+}
+
 int main(int argc, char **argv)
 {
     struct ctl_opts o;
@@ -589,7 +890,13 @@ int main(int argc, char **argv)
     Coffer__MailboxListReq ml = COFFER__MAILBOX_LIST_REQ__INIT;
     Coffer__StatusReq sr = COFFER__STATUS_REQ__INIT;
     Coffer__QuotaSetReq qs = COFFER__QUOTA_SET_REQ__INIT;
+    Coffer__GroupBootstrapReq gb = COFFER__GROUP_BOOTSTRAP_REQ__INIT;
+    Coffer__TransferReq tr = COFFER__TRANSFER_REQ__INIT;
     Coffer__AdminResponse *resp = NULL;
+    Coffer__AdminResponse **extra = NULL;
+    size_t n_extra = 0;
+    int cluster_cmd = 0, via_leader = 0;
+    uint64_t node_id = 0;
     struct ctl_conn cc = {.fd = -1};
     char secret[CTL_MAX_SECRET + 1];
     char *password = NULL;
@@ -643,6 +950,29 @@ int main(int argc, char **argv)
         if ((rc = only_opts(&o, 0, 0, 0, 1))) return rc;
         req.cmd_case = COFFER__ADMIN_REQUEST__CMD_STATUS;
         req.status = &sr;
+    } else if (strcmp(c0, "group") == 0 && strcmp(c1, "bootstrap") == 0 && o.npos == 2) {
+        if ((rc = only_opts(&o, 0, 0, 0, 0))) return rc;
+        req.cmd_case = COFFER__ADMIN_REQUEST__CMD_GROUP_BOOTSTRAP;
+        req.group_bootstrap = &gb;
+    } else if (strcmp(c0, "node") == 0 && strcmp(c1, "add") == 0 && o.npos == 3) {
+        if ((rc = only_opts(&o, 0, 0, 0, 0))) return rc;
+        cluster_cmd = 1;
+    } else if (strcmp(c0, "node") == 0 && strcmp(c1, "remove") == 0 && o.npos == 3) {
+        if ((rc = only_opts(&o, 0, 0, 0, 0))) return rc;
+        if (parse_count(o.pos[2], &node_id) != 0 || node_id == 0)
+            return usage_error("bad node id: ", o.pos[2]);
+        cluster_cmd = 2;
+    } else if (strcmp(c0, "leader") == 0 && strcmp(c1, "transfer") == 0 &&
+               (o.npos == 2 || o.npos == 3)) {
+        if ((rc = only_opts(&o, 0, 0, 0, 0))) return rc;
+        if (o.npos == 3) {
+            if (parse_count(o.pos[2], &tr.node_id) != 0 || tr.node_id == 0)
+                return usage_error("bad node id: ", o.pos[2]);
+            tr.has_node_id = 1;
+        }
+        req.cmd_case = COFFER__ADMIN_REQUEST__CMD_TRANSFER;
+        req.transfer = &tr;
+        via_leader = 1;
     } else if (strcmp(c0, "quota") == 0 && strcmp(c1, "set") == 0 && o.npos == 3) {
         if ((rc = only_opts(&o, 0, 0, 1, 0))) return rc;
         if (!o.storage && !o.messages)
@@ -690,9 +1020,27 @@ int main(int argc, char **argv)
             up.password = (char *)pw;
     }
 
-    if (ctl_connect(&o, &cc) != 0) goto out;
-    resp = ctl_call(&cc, &req);
-    if (resp == NULL) goto out;
+    if (o.standby && cluster_cmd != 1) {
+        ret = usage_error("--standby is only valid with node add", NULL);
+        goto out;
+    }
+    if (cluster_cmd == 1) {
+        ret = cmd_node_add(&o, o.pos[2], req.secret);
+        goto out;
+    }
+    if (cluster_cmd == 2) {
+        ret = cmd_node_remove(&o, node_id, req.secret);
+        goto out;
+    }
+    if (via_leader) {
+        resp = call_leader(&o, &req);
+        if (resp == NULL) goto out;
+    } else {
+        if (ctl_connect(&o, &cc) != 0) goto out;
+        resp = ctl_call(&cc, &req);
+        if (resp == NULL) goto out;
+        ctl_disconnect(&cc);
+    }
     if (!resp->ok) {
         fprintf(stderr, "cofferctl: error: %s\n", resp->error ? resp->error : "failed");
         goto out;
@@ -709,6 +1057,7 @@ int main(int argc, char **argv)
             fprintf(stderr, "cofferctl: error: no status in the response\n");
             goto out;
         }
+        status_fan_out(&o, resp->status, req.secret, &extra, &n_extra);
         print_status(resp->status, o.json);
         break;
     default:
@@ -718,6 +1067,9 @@ int main(int argc, char **argv)
     ret = 0;
 out:
     if (resp) coffer__admin_response__free_unpacked(resp, NULL);
+    for (size_t i = 0; i < n_extra; i++)
+        coffer__admin_response__free_unpacked(extra[i], NULL);
+    free(extra);
     ctl_disconnect(&cc);
     OPENSSL_cleanse(secret, sizeof(secret));
     if (password) {

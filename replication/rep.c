@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <raft.h>
 #include <raft/uv.h>
@@ -30,6 +31,7 @@
 struct rep {
     uv_loop_t *loop;
     struct raft raft;
+    struct raft *rp; /* &raft, or a fixture's server (rep_adapter_*) */
     struct raft_io io;
     struct raft_uv_transport transport;
     struct raft_fsm fsm;
@@ -45,6 +47,10 @@ struct rep {
     int last_state;
     void (*role_cb)(void *arg, int is_leader);
     void *role_arg;
+    void (*removed_cb)(void *arg);
+    void *removed_arg;
+    int was_member; /* seen itself in a configuration */
+    int removed;    /* removed_cb fired */
 
     uint64_t last_apply_index; /* index of the last entry given to ops->apply */
     uint64_t last_snapshot_index;
@@ -86,6 +92,14 @@ static int map_status(int rv)
         return REP_ENOMEM;
     case RAFT_TOOBIG:
         return REP_ETOOBIG;
+    case RAFT_CANTCHANGE:
+        return REP_EBUSY;
+    case RAFT_BADID:
+    case RAFT_DUPLICATEID:
+    case RAFT_DUPLICATEADDRESS:
+    case RAFT_BADROLE:
+    case RAFT_NOTFOUND:
+        return REP_EINVAL;
     default:
         return REP_EIO;
     }
@@ -108,6 +122,10 @@ const char *rep_strerror(int status)
         return "replication I/O error";
     case REP_ETOOBIG:
         return "entry too big";
+    case REP_EBUSY:
+        return "a membership change is already in progress";
+    case REP_EINVAL:
+        return "invalid member (id or address in use, or unknown id)";
     default:
         return "unknown replication error";
     }
@@ -157,20 +175,20 @@ static int frame_open(const struct raft_buffer *buf, const void **data_r, size_t
 static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void **result)
 {
     struct rep *r = fsm->data;
-    uint64_t index = raft_last_applied(&r->raft) + 1;
+    uint64_t index = raft_last_applied(r->rp) + 1;
     const void *data;
     size_t len;
     int rv;
 
     *result = NULL;
     if (r->fatal) return RAFT_IOERR;
-    if (index <= r->last_apply_index || index > r->raft.commit_index) {
+    if (index <= r->last_apply_index || index > r->rp->commit_index) {
         /* Our index derivation relies on libraft advancing last_applied
          * after every entry; if that ever breaks, stop rather than apply
          * under a wrong index. */
         cf_crit("rep: inconsistent apply index %" PRIu64 " (last applied by rep %" PRIu64
                 ", commit %" PRIu64 "): stopping apply",
-                index, r->last_apply_index, (uint64_t)r->raft.commit_index);
+                index, r->last_apply_index, (uint64_t)r->rp->commit_index);
         r->fatal = 1;
         return RAFT_IOERR;
     }
@@ -193,7 +211,7 @@ static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void *
 static int fsm_snapshot(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsigned *n_bufs)
 {
     struct rep *r = fsm->data;
-    uint64_t index = raft_last_applied(&r->raft);
+    uint64_t index = raft_last_applied(r->rp);
     void *desc = NULL;
     size_t len = 0;
     struct raft_buffer *arr;
@@ -262,6 +280,23 @@ static void role_check(struct rep *r)
         r->last_is_leader = is_leader;
         if (r->role_cb != NULL) r->role_cb(r->role_arg, is_leader);
     }
+    /* A removed node is normally not told by libraft (the leader stops
+     * replicating to it before the change commits); it does notice when it
+     * was the leader that removed itself, or when it received the new
+     * configuration before being cut off. */
+    if (r->raft.configuration.n > 0) {
+        int member = 0;
+        unsigned i;
+        for (i = 0; i < r->raft.configuration.n; i++)
+            if (r->raft.configuration.servers[i].id == r->cfg.node_id) member = 1;
+        if (member) {
+            r->was_member = 1;
+        } else if (r->was_member && !r->removed && r->raft.configuration_uncommitted_index == 0) {
+            r->removed = 1;
+            cf_warn("rep: node %" PRIu64 " is no longer a member of the group", r->cfg.node_id);
+            if (r->removed_cb != NULL) r->removed_cb(r->removed_arg);
+        }
+    }
 }
 
 static void role_timer_cb(uv_timer_t *t)
@@ -270,6 +305,30 @@ static void role_timer_cb(uv_timer_t *t)
 }
 
 /* ---- lifecycle ---- */
+
+/* Refuse to run when the stored configuration gives our Raft address to
+ * another member (two nodes configured with the same address, or a node
+ * restarted with another node's address). */
+static int rep_check_own_address(struct rep *r, char *err, size_t errlen)
+{
+    unsigned i;
+
+    for (i = 0; i < r->raft.configuration.n; i++) {
+        const struct raft_server *sv = &r->raft.configuration.servers[i];
+        if (sv->id != r->cfg.node_id && sv->address != NULL &&
+            strcmp(sv->address, r->address) == 0) {
+            snprintf(err, errlen,
+                     "rep: Raft address %s belongs to member %" PRIu64
+                     " of this group, not to node %" PRIu64 " (check raft.address and node.id)",
+                     r->address, (uint64_t)sv->id, r->cfg.node_id);
+            return -1;
+        }
+        if (sv->id == r->cfg.node_id && sv->address != NULL && strcmp(sv->address, r->address) != 0)
+            cf_warn("rep: the group knows node %" PRIu64 " at %s, configured raft.address is %s",
+                    r->cfg.node_id, sv->address, r->address);
+    }
+    return 0;
+}
 
 struct rep *rep_create(uv_loop_t *loop, const struct rep_config *cfg, const struct rep_fsm_ops *ops,
                        void *fsm, char *err, size_t errlen)
@@ -301,6 +360,7 @@ struct rep *rep_create(uv_loop_t *loop, const struct rep_config *cfg, const stru
     r = calloc(1, sizeof *r);
     if (r == NULL) goto nomem;
     r->loop = loop;
+    r->rp = &r->raft;
     r->cfg = *cfg;
     r->ops = *ops;
     r->fsm_data = fsm;
@@ -364,6 +424,11 @@ fail:
 
 int rep_start(struct rep *r, char *err, size_t errlen)
 {
+    return rep_start_mode(r, r->cfg.bootstrap, err, errlen);
+}
+
+int rep_start_mode(struct rep *r, int bootstrap, char *err, size_t errlen)
+{
     struct raft_configuration conf;
     char hint[256];
     int rv;
@@ -372,7 +437,7 @@ int rep_start(struct rep *r, char *err, size_t errlen)
         snprintf(err, errlen, "rep: already started or closing");
         return -1;
     }
-    if (r->cfg.bootstrap) {
+    if (bootstrap) {
         raft_configuration_init(&conf);
         rv = raft_configuration_add(&conf, r->cfg.node_id, r->address, RAFT_VOTER);
         if (rv != 0) {
@@ -403,6 +468,7 @@ int rep_start(struct rep *r, char *err, size_t errlen)
     }
     r->started = 1;
     r->last_snapshot_index = r->raft.log.snapshot.last_index;
+    if (rep_check_own_address(r, err, errlen) != 0) return -1;
     rv = uv_timer_init(r->loop, &r->role_timer);
     if (rv != 0) {
         snprintf(err, errlen, "rep: uv_timer_init: %s", uv_strerror(rv));
@@ -724,4 +790,241 @@ void rep_destroy(struct rep **rp)
     free(r->data_dir);
     free(r);
     *rp = NULL;
+}
+
+/* ---- groups of several nodes ---- */
+
+int rep_dir_is_new(const char *data_dir)
+{
+    char p[4096];
+    struct stat st;
+
+    snprintf(p, sizeof p, "%s/metadata1", data_dir);
+    if (stat(p, &st) == 0) return 0;
+    snprintf(p, sizeof p, "%s/metadata2", data_dir);
+    if (stat(p, &st) == 0) return 0;
+    return 1;
+}
+
+int rep_is_started(const struct rep *r)
+{
+    return r->started && !r->closing;
+}
+
+const char *rep_member_role_name(int role)
+{
+    switch (role) {
+    case REP_ROLE_VOTER:
+        return "voter";
+    case REP_ROLE_STANDBY:
+        return "standby";
+    case REP_ROLE_SPARE:
+        return "spare";
+    default:
+        return "unknown";
+    }
+}
+
+static int from_raft_role(int role)
+{
+    switch (role) {
+    case RAFT_VOTER:
+        return REP_ROLE_VOTER;
+    case RAFT_STANDBY:
+        return REP_ROLE_STANDBY;
+    default:
+        return REP_ROLE_SPARE;
+    }
+}
+
+int rep_members(const struct rep *r, struct rep_member **m_r, size_t *n_r)
+{
+    const struct raft_configuration *c = &r->raft.configuration;
+    struct rep_member *m;
+    unsigned i;
+
+    *m_r = NULL;
+    *n_r = 0;
+    if (!r->started) return 0;
+    m = calloc(c->n > 0 ? c->n : 1, sizeof *m);
+    if (m == NULL) return -1;
+    for (i = 0; i < c->n; i++) {
+        m[i].id = c->servers[i].id;
+        snprintf(m[i].address, sizeof m[i].address, "%s",
+                 c->servers[i].address ? c->servers[i].address : "");
+        m[i].role = from_raft_role(c->servers[i].role);
+    }
+    *m_r = m;
+    *n_r = c->n;
+    return 0;
+}
+
+struct rep_change_req {
+    struct raft_change change;
+    struct raft_transfer transfer;
+    struct rep *rep;
+    uint64_t id;
+    int raft_role;
+    int stage; /* 0: add, 1: assign, 2: remove */
+    rep_propose_cb cb;
+    void *arg;
+};
+
+static void change_cb(struct raft_change *req, int status)
+{
+    struct rep_change_req *q = req->data;
+    struct rep *r = q->rep;
+    int rv;
+
+    if (status == 0 && q->stage == 0 && !r->closing) {
+        /* Added as spare: now give it its role (the leader catches a new
+         * voter up before committing the change). */
+        q->stage = 1;
+        rv = raft_assign(&r->raft, &q->change, q->id, q->raft_role, change_cb);
+        if (rv == 0) return;
+        cf_warn("rep: assign role to node %" PRIu64 ": %s", q->id, raft_strerror(rv));
+        status = rv;
+    }
+    if (status != 0)
+        cf_warn("rep: membership change for node %" PRIu64 " failed: %s", q->id,
+                raft_strerror(status));
+    else
+        cf_notice("rep: membership change for node %" PRIu64 " committed", q->id);
+    q->cb(q->arg, map_status(status));
+    free(q);
+}
+
+static int change_start(struct rep *r, uint64_t id, const char *address, int role, int stage,
+                        rep_propose_cb cb, void *arg)
+{
+    struct rep_change_req *q;
+    int rv;
+
+    if (r->closing || !r->started) return REP_ESHUTDOWN;
+    if (raft_state(&r->raft) != RAFT_LEADER) return REP_ENOTLEADER;
+    if (id == 0) return REP_EINVAL;
+    q = calloc(1, sizeof *q);
+    if (q == NULL) return REP_ENOMEM;
+    q->rep = r;
+    q->id = id;
+    q->cb = cb;
+    q->arg = arg;
+    q->stage = stage;
+    q->raft_role = role == REP_ROLE_STANDBY ? RAFT_STANDBY : RAFT_VOTER;
+    q->change.data = q;
+    if (stage == 0)
+        rv = raft_add(&r->raft, &q->change, id, address, change_cb);
+    else
+        rv = raft_remove(&r->raft, &q->change, id, change_cb);
+    if (rv != 0) {
+        free(q);
+        cf_warn("rep: membership change for node %" PRIu64 " refused: %s", id, raft_strerror(rv));
+        return map_status(rv);
+    }
+    return 0;
+}
+
+int rep_add(struct rep *r, uint64_t id, const char *address, int role, rep_propose_cb cb, void *arg)
+{
+    if (address == NULL || address[0] == '\0') return REP_EINVAL;
+    return change_start(r, id, address, role, 0, cb, arg);
+}
+
+int rep_remove(struct rep *r, uint64_t id, rep_propose_cb cb, void *arg)
+{
+    return change_start(r, id, NULL, 0, 2, cb, arg);
+}
+
+static void transfer_cb(struct raft_transfer *req)
+{
+    struct rep_change_req *q = req->data;
+    struct rep *r = q->rep;
+    int ok = !r->closing && raft_state(&r->raft) != RAFT_LEADER;
+
+    cf_notice("rep: leadership transfer %s", ok ? "done" : "did not complete");
+    q->cb(q->arg, ok ? REP_OK : REP_EIO);
+    free(q);
+}
+
+int rep_transfer(struct rep *r, uint64_t id, rep_propose_cb cb, void *arg)
+{
+    struct rep_change_req *q;
+    int rv;
+
+    if (r->closing || !r->started) return REP_ESHUTDOWN;
+    if (raft_state(&r->raft) != RAFT_LEADER) return REP_ENOTLEADER;
+    q = calloc(1, sizeof *q);
+    if (q == NULL) return REP_ENOMEM;
+    q->rep = r;
+    q->id = id;
+    q->cb = cb;
+    q->arg = arg;
+    q->transfer.data = q;
+    rv = raft_transfer(&r->raft, &q->transfer, id, transfer_cb);
+    if (rv != 0) {
+        free(q);
+        cf_warn("rep: leadership transfer refused: %s", raft_strerror(rv));
+        return map_status(rv);
+    }
+    return 0;
+}
+
+void rep_set_removed_cb(struct rep *r, void (*cb)(void *arg), void *arg)
+{
+    r->removed_cb = cb;
+    r->removed_arg = arg;
+}
+
+/* ---- test support (raft/fixture.h) ---- */
+
+static void fsm_setup(struct rep *r)
+{
+    r->fsm.version = 2;
+    r->fsm.data = r;
+    r->fsm.apply = fsm_apply;
+    r->fsm.snapshot = fsm_snapshot;
+    r->fsm.restore = fsm_restore;
+    r->fsm.snapshot_finalize = fsm_snapshot_finalize;
+    r->fsm.snapshot_async = NULL;
+}
+
+struct rep_fsm_adapter *rep_adapter_create(const struct rep_fsm_ops *ops, void *fsm)
+{
+    struct rep *r = calloc(1, sizeof *r);
+    if (r == NULL) return NULL;
+    r->ops = *ops;
+    r->fsm_data = fsm;
+    fsm_setup(r);
+    return (struct rep_fsm_adapter *)r;
+}
+
+struct raft_fsm *rep_adapter_fsm(struct rep_fsm_adapter *a)
+{
+    return &((struct rep *)a)->fsm;
+}
+
+void rep_adapter_bind(struct rep_fsm_adapter *a, struct raft *raft)
+{
+    ((struct rep *)a)->rp = raft;
+}
+
+int rep_adapter_fatal(const struct rep_fsm_adapter *a)
+{
+    return ((const struct rep *)a)->fatal;
+}
+
+void rep_adapter_destroy(struct rep_fsm_adapter **a)
+{
+    if (a == NULL || *a == NULL) return;
+    free(*a);
+    *a = NULL;
+}
+
+void rep_frame_finish(void *buf, size_t len, void **base_r, size_t *len_r)
+{
+    unsigned char *base = (unsigned char *)buf - REP_FRAME_HDR;
+    put_u32le(base + 4, (uint32_t)len);
+    memset(base + REP_FRAME_HDR + len, 0, pad8(len) - len);
+    *base_r = base;
+    *len_r = REP_FRAME_HDR + pad8(len);
 }

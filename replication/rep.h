@@ -29,6 +29,8 @@ enum rep_status_code {
     REP_ENOMEM = -4,
     REP_EIO = -5, /* disk/other error; see log */
     REP_ETOOBIG = -6,
+    REP_EBUSY = -7,  /* a membership change is already in progress */
+    REP_EINVAL = -8, /* bad id/address for a membership change */
 };
 
 struct rep_fsm_ops {
@@ -104,11 +106,72 @@ void rep_get_info(const struct rep *r, struct rep_info *info_r);
 /* Called (loop thread) whenever this node's role changes. */
 void rep_set_role_cb(struct rep *r, void (*cb)(void *arg, int is_leader), void *arg);
 
+/* ---- groups of several nodes (issue 3) ---- */
+
+/* 1 when data_dir holds no Raft state yet (no metadata files): a node
+ * configured without bootstrap then waits, unstarted, until it is told to
+ * bootstrap a group or to join one. */
+int rep_dir_is_new(const char *data_dir);
+/* 1 once rep_start succeeded. */
+int rep_is_started(const struct rep *r);
+/* Start later than rep_create: bootstrap = 1 makes a new single-voter group
+ * (the dir must be new), 0 starts without bootstrap (a node about to be
+ * added by the leader). 0 or -1 with err. */
+int rep_start_mode(struct rep *r, int bootstrap, char *err, size_t errlen);
+
+enum rep_member_role {
+    REP_ROLE_VOTER = 1,
+    REP_ROLE_STANDBY = 2, /* replicated, not in the quorum */
+    REP_ROLE_SPARE = 3,   /* neither (an added node before it is assigned) */
+};
+struct rep_member {
+    uint64_t id;
+    char address[128];
+    int role; /* enum rep_member_role */
+};
+/* This node's view of the group configuration (the latest, committed or
+ * not). *m_r is malloc()ed (free() it); 0 or -1. */
+int rep_members(const struct rep *r, struct rep_member **m_r, size_t *n_r);
+const char *rep_member_role_name(int role);
+
+/* Membership changes (leader only; one at a time). cb(arg, status) fires
+ * once: REP_OK when the change is committed. Synchronous refusals:
+ * REP_ENOTLEADER, REP_EBUSY (another change in flight), REP_EINVAL (id or
+ * address already used / unknown id). rep_add adds the node and then
+ * assigns it `role` (REP_ROLE_VOTER: the leader first catches it up). */
+int rep_add(struct rep *r, uint64_t id, const char *address, int role, rep_propose_cb cb,
+            void *arg);
+int rep_remove(struct rep *r, uint64_t id, rep_propose_cb cb, void *arg);
+/* Leadership transfer to `id` (0: the most up-to-date voter). cb gets
+ * REP_OK when another node is leader afterwards, REP_EIO otherwise. */
+int rep_transfer(struct rep *r, uint64_t id, rep_propose_cb cb, void *arg);
+
+/* Called (loop thread, once) when this node sees a configuration that no
+ * longer contains it after it had been a member. */
+void rep_set_removed_cb(struct rep *r, void (*cb)(void *arg), void *arg);
+
 /* Asynchronous shutdown; cb fires once raft and its I/O are closed. After
  * that the FSM may be closed and rep_destroy called. */
 void rep_close(struct rep *r, void (*cb)(void *arg), void *arg);
 void rep_destroy(struct rep **r);
 
 const char *rep_strerror(int status);
+
+/* ---- test support (CUnit with raft/fixture.h) ----
+ * The libraft FSM rep builds around `ops` (entry frames, log index
+ * derivation, snapshot/restore glue), for a raft server owned by the
+ * fixture: create, pass rep_adapter_fsm() to raft_fixture_grow, then bind
+ * it to raft_fixture_get(). */
+struct raft;
+struct raft_fsm;
+struct rep_fsm_adapter;
+struct rep_fsm_adapter *rep_adapter_create(const struct rep_fsm_ops *ops, void *fsm);
+struct raft_fsm *rep_adapter_fsm(struct rep_fsm_adapter *a);
+void rep_adapter_bind(struct rep_fsm_adapter *a, struct raft *raft);
+int rep_adapter_fatal(const struct rep_fsm_adapter *a); /* apply stopped */
+void rep_adapter_destroy(struct rep_fsm_adapter **a);
+/* Finish the frame of a rep_buf_alloc buffer holding `len` payload bytes:
+ * the raft_buffer to hand to raft_apply (base/len; raft owns it then). */
+void rep_frame_finish(void *buf, size_t len, void **base_r, size_t *len_r);
 
 #endif

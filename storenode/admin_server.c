@@ -15,6 +15,7 @@
 #include "cf_conn.h"
 #include "cf_frame.h"
 #include "cf_log.h"
+#include "coffer_raft.pb-c.h"
 #include "cf_pwhash.h"
 #include "coffer_admin.pb-c.h"
 #include "listeners.h"
@@ -135,6 +136,21 @@ static void reply_err(struct admin_session *s, const char *msg)
     finish(s, &r);
 }
 
+static void reply_not_leader(struct admin_session *s)
+{
+    Coffer__AdminResponse r = COFFER__ADMIN_RESPONSE__INIT;
+    char text[256];
+    const char *la = s->n->leader_admin;
+    if (la[0])
+        snprintf(text, sizeof(text), "not leader; leader admin is %s", la);
+    else
+        snprintf(text, sizeof(text), "not leader; leader unknown");
+    r.ok = 0;
+    r.error = text;
+    if (la[0]) r.leader_admin = (char *)la;
+    finish(s, &r);
+}
+
 static void reply_ok(struct admin_session *s, const char *msg)
 {
     Coffer__AdminResponse r = COFFER__ADMIN_RESPONSE__INIT;
@@ -180,8 +196,10 @@ static void propose_done(void *arg, int status, struct store_outcome *out)
         admin_maybe_free(s);
         return;
     }
-    if (status != REP_OK) {
-        reply_err(s, status == REP_ENOTLEADER ? "not leader" : rep_strerror(status));
+    if (status == REP_ENOTLEADER) {
+        reply_not_leader(s);
+    } else if (status != REP_OK) {
+        reply_err(s, rep_strerror(status));
     } else if (out->result == STORE_OK) {
         reply_ok(s, s->okmsg);
     } else if (out->result == STORE_ENOENT) {
@@ -198,14 +216,17 @@ static void do_propose(struct admin_session *s, Coffer__Entry *e)
 {
     int rc;
     if (s->n->rep == NULL || !rep_is_leader(s->n->rep)) {
-        reply_err(s, "not leader");
+        reply_not_leader(s);
         return;
     }
     e->actor = "admin";
     memset(&s->outcome, 0, sizeof(s->outcome));
     rc = propose_entry(s->n, e, &s->outcome, propose_done, s);
     if (rc != 0) {
-        reply_err(s, rc == REP_ENOTLEADER ? "not leader" : rep_strerror(rc));
+        if (rc == REP_ENOTLEADER)
+            reply_not_leader(s);
+        else
+            reply_err(s, rep_strerror(rc));
         return;
     }
     s->holds++;
@@ -243,7 +264,7 @@ static void start_hash(struct admin_session *s, const char *password, admin_afte
         return;
     }
     if (s->n->rep == NULL || !rep_is_leader(s->n->rep)) {
-        reply_err(s, "not leader");
+        reply_not_leader(s);
         return;
     }
     s->password = malloc(len + 1);
@@ -496,12 +517,28 @@ static void status_work(uv_work_t *w)
         s->lmdb_used = (uint64_t)(info.me_last_pgno + 1) * stat.ms_psize;
 }
 
+static const char *member_role(const struct rep_member *m, const struct rep_info *ri,
+                               uint64_t self_id)
+{
+    if (m->role == REP_ROLE_STANDBY) return "standby";
+    if (m->role == REP_ROLE_SPARE) return "spare";
+    if (m->id == self_id) {
+        if (strcmp(ri->role, "leader") == 0 || strcmp(ri->role, "candidate") == 0) return ri->role;
+        return "follower";
+    }
+    return m->id == ri->leader_id ? "leader" : "follower";
+}
+
 static void status_after(uv_work_t *w, int status)
 {
     struct admin_session *s = w->data;
+    struct node *n = s->n;
     struct rep_info ri;
+    struct rep_member *rm = NULL;
+    size_t n_rm = 0;
     uint8_t gid[16];
     char gidhex[33];
+    int zero = 1;
     s->holds--;
     if (s->conn_gone) {
         admin_maybe_free(s);
@@ -510,51 +547,112 @@ static void status_after(uv_work_t *w, int status)
     (void)status;
     memset(&ri, 0, sizeof(ri));
     ri.role = "unavailable";
-    if (s->n->rep) rep_get_info(s->n->rep, &ri);
-    store_group_id(s->n->store, gid);
-    for (int i = 0; i < 16; i++)
+    if (n->rep) rep_get_info(n->rep, &ri);
+    if (n->state != NULL && strcmp(n->state, "uninitialised") == 0) ri.role = "uninitialised";
+    store_group_id(n->store, gid);
+    for (int i = 0; i < 16; i++) {
         snprintf(gidhex + 2 * i, 3, "%02x", gid[i]);
+        if (gid[i]) zero = 0;
+    }
+    if (zero) gidhex[0] = '\0';
+    if (n->rep) rep_members(n->rep, &rm, &n_rm);
 
     Coffer__NodeStatus ns = COFFER__NODE_STATUS__INIT;
-    Coffer__MemberStatus me = COFFER__MEMBER_STATUS__INIT;
-    Coffer__MemberStatus *members[1] = {&me};
-    uint64_t applied = store_applied_index(s->n->store);
-    ns.node_id = s->n->cfg->node_id;
+    Coffer__MemberStatus *ms = calloc(n_rm ? n_rm : 1, sizeof(*ms));
+    Coffer__MemberStatus **members = calloc(n_rm ? n_rm : 1, sizeof(*members));
+    struct store_node *sn = calloc(n_rm ? n_rm : 1, sizeof(*sn));
+    if (ms == NULL || members == NULL || sn == NULL) {
+        free(ms);
+        free(members);
+        free(sn);
+        free(rm);
+        reply_err(s, "out of memory");
+        return;
+    }
+    uint64_t applied = store_applied_index(n->store);
+    const struct sconf *c = n->cfg;
+    ns.node_id = c->node_id;
     ns.group_id = gidhex;
     ns.role = (char *)(ri.role ? ri.role : "unavailable");
+    /* A standby or spare reports that role, not "follower". */
+    for (size_t i = 0; i < n_rm; i++)
+        if (rm[i].id == c->node_id && rm[i].role != REP_ROLE_VOTER)
+            ns.role = (char *)member_role(&rm[i], &ri, c->node_id);
     ns.has_term = ns.has_commit_index = ns.has_applied_index = 1;
     ns.term = ri.term;
     ns.commit_index = ri.commit_index;
     ns.applied_index = applied;
     ns.has_last_snapshot_index = 1;
     ns.last_snapshot_index = ri.last_snapshot_index;
+    ns.has_last_index = 1;
+    ns.last_index = ri.last_index;
     if (s->digest[0]) ns.digest = s->digest;
     ns.has_imap_sessions = ns.has_pop3_sessions = ns.has_users = 1;
-    ns.imap_sessions = s->n->imap_sessions;
-    ns.pop3_sessions = s->n->pop3_sessions;
+    ns.imap_sessions = n->imap_sessions;
+    ns.pop3_sessions = n->pop3_sessions;
     ns.users = s->users;
     ns.has_lmdb_map_size = ns.has_lmdb_used_bytes = 1;
-    ns.lmdb_map_size = s->n->cfg->map_size;
+    ns.lmdb_map_size = c->map_size;
     ns.lmdb_used_bytes = s->lmdb_used;
     ns.has_pid = 1;
     ns.pid = (uint32_t)getpid();
     ns.version = ADMIN_VERSION;
-    me.id = s->n->cfg->node_id;
-    me.address = s->n->cfg->raft_address ? s->n->cfg->raft_address : "";
-    me.role = ns.role;
-    me.has_term = me.has_commit = me.has_applied = me.has_pid = 1;
-    me.term = ri.term;
-    me.commit = ri.commit_index;
-    me.applied = applied;
-    me.pid = ns.pid;
-    me.digest = ns.digest;
-    ns.n_members = 1;
+    ns.raft_address = c->raft_address ? c->raft_address : "";
+    ns.imap_address = c->imap_listen ? c->imap_listen : "";
+    ns.imaps_address = c->imaps_listen ? c->imaps_listen : "";
+    ns.pop3_address = c->pop3_listen ? c->pop3_listen : "";
+    ns.pop3s_address = c->pop3s_listen ? c->pop3s_listen : "";
+    ns.admin_address = c->admin_listen ? c->admin_listen : "";
+    ns.has_leader_id = 1;
+    ns.leader_id = ri.leader_id;
+    ns.leader_admin = n->leader_admin;
+    ns.state = (char *)(n->state ? n->state : "member");
+    for (size_t i = 0; i < n_rm; i++) {
+        Coffer__MemberStatus *m = &ms[i];
+        coffer__member_status__init(m);
+        store_node_get(n->store, NULL, rm[i].id, &sn[i]);
+        m->id = rm[i].id;
+        m->address = rm[i].address;
+        m->role = (char *)member_role(&rm[i], &ri, c->node_id);
+        m->admin_address = sn[i].admin;
+        m->imap_address = sn[i].imap[0] ? sn[i].imap : sn[i].imaps;
+        if (rm[i].id == c->node_id) {
+            m->has_term = m->has_commit = m->has_applied = m->has_pid = 1;
+            m->has_last_snapshot = 1;
+            m->term = ri.term;
+            m->commit = ri.commit_index;
+            m->applied = applied;
+            m->pid = ns.pid;
+            m->last_snapshot = ri.last_snapshot_index;
+            m->digest = ns.digest;
+        }
+        members[i] = m;
+    }
+    if (n_rm == 0) {
+        /* Not started (uninitialised): report itself only. */
+        coffer__member_status__init(&ms[0]);
+        ms[0].id = c->node_id;
+        ms[0].address = ns.raft_address;
+        ms[0].role = ns.role;
+        ms[0].admin_address = ns.admin_address;
+        ms[0].has_applied = ms[0].has_pid = 1;
+        ms[0].applied = applied;
+        ms[0].pid = ns.pid;
+        ms[0].digest = ns.digest;
+        members[0] = &ms[0];
+        n_rm = 1;
+    }
+    ns.n_members = n_rm;
     ns.members = members;
 
     Coffer__AdminResponse r = COFFER__ADMIN_RESPONSE__INIT;
     r.ok = 1;
     r.status = &ns;
     finish(s, &r);
+    free(ms);
+    free(members);
+    free(sn);
+    free(rm);
 }
 
 static void cmd_status(struct admin_session *s)
@@ -565,6 +663,246 @@ static void cmd_status(struct admin_session *s)
         return;
     }
     s->holds++;
+}
+
+/* ---- cluster commands (issue 3) ---- */
+
+static void change_done(void *arg, int status)
+{
+    struct admin_session *s = arg;
+    s->holds--;
+    if (s->conn_gone) {
+        admin_maybe_free(s);
+        return;
+    }
+    if (status == REP_ENOTLEADER || status == REP_ELEADERSHIPLOST)
+        reply_not_leader(s);
+    else if (status != REP_OK)
+        reply_err(s, rep_strerror(status));
+    else
+        reply_ok(s, s->okmsg);
+}
+
+/* NodeInfo first (so status and hints know the node), then the Raft
+ * membership change. */
+static void node_add_info_done(void *arg, int status, struct store_outcome *out)
+{
+    struct admin_session *s = arg;
+    const Coffer__NodeAddReq *q;
+    int rc;
+    s->holds--;
+    if (s->conn_gone) {
+        admin_maybe_free(s);
+        return;
+    }
+    if (status != REP_OK || out->result != STORE_OK) {
+        if (status == REP_ENOTLEADER || status == REP_ELEADERSHIPLOST)
+            reply_not_leader(s);
+        else
+            reply_err(s, status != REP_OK ? rep_strerror(status) : out->text);
+        store_outcome_clear(&s->outcome);
+        return;
+    }
+    store_outcome_clear(&s->outcome);
+    q = s->req->node_add;
+    rc = rep_add(s->n->rep, q->node_id, q->raft_address,
+                 q->has_standby && q->standby ? REP_ROLE_STANDBY : REP_ROLE_VOTER, change_done, s);
+    if (rc != 0) {
+        if (rc == REP_ENOTLEADER)
+            reply_not_leader(s);
+        else
+            reply_err(s, rep_strerror(rc));
+        return;
+    }
+    s->holds++;
+}
+
+static int addr_ok(const char *a)
+{
+    if (a == NULL) return 1;
+    if (strlen(a) >= 128) return 0;
+    for (const char *p = a; *p; p++)
+        if ((unsigned char)*p <= 0x20 || *p == 0x7f) return 0;
+    return 1;
+}
+
+static void cmd_node_add(struct admin_session *s)
+{
+    const Coffer__NodeAddReq *q = s->req->node_add;
+    Coffer__Entry e = COFFER__ENTRY__INIT;
+    Coffer__NodeInfo ni = COFFER__NODE_INFO__INIT;
+    struct rep_member *rm = NULL;
+    size_t n_rm = 0;
+    int rc;
+
+    if (s->n->rep == NULL || !rep_is_leader(s->n->rep)) {
+        reply_not_leader(s);
+        return;
+    }
+    if (q->node_id == 0 || q->raft_address == NULL || q->raft_address[0] == '\0' ||
+        !addr_ok(q->raft_address) || !addr_ok(q->imap_address) || !addr_ok(q->imaps_address) ||
+        !addr_ok(q->pop3_address) || !addr_ok(q->pop3s_address) || !addr_ok(q->admin_address)) {
+        reply_err(s, "node add needs a node id >= 1 and valid addresses");
+        return;
+    }
+    if (rep_members(s->n->rep, &rm, &n_rm) != 0) {
+        reply_err(s, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < n_rm; i++) {
+        if (rm[i].id == q->node_id) {
+            snprintf(s->okmsg, sizeof(s->okmsg), "node %llu is already a member (%s)",
+                     (unsigned long long)q->node_id, rep_member_role_name(rm[i].role));
+            free(rm);
+            reply_err(s, s->okmsg);
+            return;
+        }
+        if (strcmp(rm[i].address, q->raft_address) == 0) {
+            snprintf(s->okmsg, sizeof(s->okmsg), "Raft address %s already belongs to node %llu",
+                     q->raft_address, (unsigned long long)rm[i].id);
+            free(rm);
+            reply_err(s, s->okmsg);
+            return;
+        }
+    }
+    free(rm);
+    ni.node_id = q->node_id;
+    ni.raft_address = q->raft_address;
+    ni.imap_address = q->imap_address;
+    ni.imaps_address = q->imaps_address;
+    ni.pop3_address = q->pop3_address;
+    ni.pop3s_address = q->pop3s_address;
+    ni.admin_address = q->admin_address;
+    e.op_case = COFFER__ENTRY__OP_NODE_INFO;
+    e.node_info = &ni;
+    e.actor = "admin";
+    snprintf(s->okmsg, sizeof(s->okmsg), "node %llu added as %s", (unsigned long long)q->node_id,
+             q->has_standby && q->standby ? "standby" : "voter");
+    memset(&s->outcome, 0, sizeof(s->outcome));
+    rc = propose_entry(s->n, &e, &s->outcome, node_add_info_done, s);
+    if (rc != 0) {
+        if (rc == REP_ENOTLEADER)
+            reply_not_leader(s);
+        else
+            reply_err(s, rep_strerror(rc));
+        return;
+    }
+    s->holds++;
+}
+
+static void node_remove_done(void *arg, int status)
+{
+    struct admin_session *s = arg;
+    Coffer__Entry e = COFFER__ENTRY__INIT;
+    Coffer__NodeInfo ni = COFFER__NODE_INFO__INIT;
+    int rc;
+
+    if (status != REP_OK || s->conn_gone || !rep_is_leader(s->n->rep)) {
+        change_done(arg, status);
+        return;
+    }
+    /* Forget its addresses (best effort: the membership change is what
+     * counts; the answer does not wait for this). */
+    ni.node_id = s->req->node_remove->node_id;
+    ni.raft_address = "";
+    ni.has_removed = 1;
+    ni.removed = 1;
+    e.op_case = COFFER__ENTRY__OP_NODE_INFO;
+    e.node_info = &ni;
+    e.actor = "admin";
+    rc = propose_entry(s->n, &e, NULL, NULL, NULL);
+    if (rc != 0) cf_warn("admin: forgetting removed node's addresses: %s", rep_strerror(rc));
+    change_done(arg, status);
+}
+
+static void cmd_node_remove(struct admin_session *s)
+{
+    uint64_t id = s->req->node_remove->node_id;
+    int rc;
+    if (s->n->rep == NULL || !rep_is_leader(s->n->rep)) {
+        reply_not_leader(s);
+        return;
+    }
+    if (id == s->n->cfg->node_id) {
+        reply_err(s, "the leader cannot remove itself; transfer leadership first");
+        return;
+    }
+    snprintf(s->okmsg, sizeof(s->okmsg), "node %llu removed", (unsigned long long)id);
+    rc = rep_remove(s->n->rep, id, node_remove_done, s);
+    if (rc != 0) {
+        if (rc == REP_ENOTLEADER)
+            reply_not_leader(s);
+        else
+            reply_err(s, rep_strerror(rc));
+        return;
+    }
+    s->holds++;
+}
+
+static void cmd_transfer(struct admin_session *s)
+{
+    uint64_t id = s->req->transfer->has_node_id ? s->req->transfer->node_id : 0;
+    int rc;
+    if (s->n->rep == NULL || !rep_is_leader(s->n->rep)) {
+        reply_not_leader(s);
+        return;
+    }
+    if (id == s->n->cfg->node_id) {
+        reply_ok(s, "this node is already the leader");
+        return;
+    }
+    snprintf(s->okmsg, sizeof(s->okmsg), "leadership transferred");
+    rc = rep_transfer(s->n->rep, id, change_done, s);
+    if (rc != 0) {
+        reply_err(s, rep_strerror(rc));
+        return;
+    }
+    s->holds++;
+}
+
+static void cmd_start_raft(struct admin_session *s, int bootstrap)
+{
+    char err[256];
+    if (s->n->start_raft == NULL) {
+        reply_err(s, "not supported here");
+        return;
+    }
+    if (!bootstrap && s->n->rep != NULL && rep_is_started(s->n->rep)) {
+        struct rep_member *rm = NULL;
+        size_t n_rm = 0;
+        rep_members(s->n->rep, &rm, &n_rm);
+        free(rm);
+        if (n_rm == 0) {
+            /* already waiting to be added (a retried join) */
+            reply_ok(s, "waiting to be added");
+            return;
+        }
+    }
+    if (s->n->start_raft(s->n, bootstrap, err, sizeof(err)) != 0) {
+        reply_err(s, err);
+        return;
+    }
+    reply_ok(s, bootstrap ? "group bootstrapped" : "waiting to be added");
+}
+
+static void cmd_node_leave(struct admin_session *s)
+{
+    const char *want = s->req->node_leave->group_id;
+    uint8_t gid[16];
+    char hex[33];
+    store_group_id(s->n->store, gid);
+    for (int i = 0; i < 16; i++)
+        snprintf(hex + 2 * i, 3, "%02x", gid[i]);
+    if (want != NULL && want[0] != '\0' && strcmp(want, hex) != 0) {
+        reply_err(s, "this node belongs to another group");
+        return;
+    }
+    if (s->n->leave == NULL) {
+        reply_err(s, "not supported here");
+        return;
+    }
+    reply_ok(s, "node leaves the group and stops");
+    s->n->leave(s->n, "told by cofferctl that it was removed from the group");
 }
 
 /* ---- dispatch ---- */
@@ -661,6 +999,24 @@ static void handle_request(struct admin_session *s)
         return;
     case COFFER__ADMIN_REQUEST__CMD_STATUS:
         cmd_status(s);
+        return;
+    case COFFER__ADMIN_REQUEST__CMD_GROUP_BOOTSTRAP:
+        cmd_start_raft(s, 1);
+        return;
+    case COFFER__ADMIN_REQUEST__CMD_NODE_JOIN:
+        cmd_start_raft(s, 0);
+        return;
+    case COFFER__ADMIN_REQUEST__CMD_NODE_ADD:
+        cmd_node_add(s);
+        return;
+    case COFFER__ADMIN_REQUEST__CMD_NODE_REMOVE:
+        cmd_node_remove(s);
+        return;
+    case COFFER__ADMIN_REQUEST__CMD_TRANSFER:
+        cmd_transfer(s);
+        return;
+    case COFFER__ADMIN_REQUEST__CMD_NODE_LEAVE:
+        cmd_node_leave(s);
         return;
     default:
         reply_err(s, "unknown command");

@@ -37,6 +37,7 @@ struct fsm {
     struct change_list ch;
     int group_set;
     uint8_t group_id[16];
+    int nodes_changed;
 };
 
 /* Owned copy of a user record (strings malloc()ed). */
@@ -820,6 +821,35 @@ static int op_group_init(struct fsm *f, const Coffer__GroupInit *g)
     if ((rc = mdb_put(f->txn, f->st->meta, &k, &v, 0))) return lmdb_fail("meta put", rc);
     f->group_set = 1;
     memcpy(f->group_id, g->group_id.data, 16);
+    return 0;
+}
+
+/* NodeInfo: service addresses of a member (removed = forget it). */
+static int op_node_info(struct fsm *f, const Coffer__NodeInfo *ni)
+{
+    uint8_t kb[8];
+    MDB_val k = {8, kb}, v;
+    size_t len;
+    uint8_t *buf;
+    int rc;
+
+    if (ni->node_id == 0) return refuse(f, STORE_EINVAL, "node id must be >= 1");
+    store__be64(kb, ni->node_id);
+    f->nodes_changed = 1;
+    if (ni->has_removed && ni->removed) {
+        rc = mdb_del(f->txn, f->st->nodes, &k, NULL);
+        if (rc != 0 && rc != MDB_NOTFOUND) return lmdb_fail("nodes del", rc);
+        return 0;
+    }
+    len = coffer__node_info__get_packed_size(ni);
+    buf = malloc(len ? len : 1);
+    if (buf == NULL) return oom();
+    coffer__node_info__pack(ni, buf);
+    v.mv_size = len;
+    v.mv_data = buf;
+    rc = mdb_put(f->txn, f->st->nodes, &k, &v, 0);
+    free(buf);
+    if (rc) return lmdb_fail("nodes put", rc);
     return 0;
 }
 
@@ -1728,6 +1758,8 @@ static int apply_op(struct fsm *f, const Coffer__Entry *e)
         return op_copy(f, e->copy);
     case COFFER__ENTRY__OP_DELIVER:
         return op_deliver(f, e->deliver);
+    case COFFER__ENTRY__OP_NODE_INFO:
+        return op_node_info(f, e->node_info);
     case COFFER__ENTRY__OP_CHECKPOINT:
     case COFFER__ENTRY__OP_NOOP:
         return 0;
@@ -1951,6 +1983,7 @@ int store_apply(struct store *st, uint64_t index, const void *buf, size_t len,
     }
     st->applied = index;
     if (f.group_set) memcpy(st->group_id, f.group_id, 16);
+    if (f.nodes_changed) st->nodes_version++;
 
     deliver_outcome(st, rid, &res, out);
     for (size_t i = 0; i < f.ch.n; i++)

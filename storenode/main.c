@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <openssl/rand.h>
@@ -79,6 +80,19 @@ struct daemon {
     int stopping;
     int rep_closed;
     int forced_exit;
+    /* cluster (issue 3) */
+    char identity_path[4096];
+    uint8_t identity_gid[16]; /* group id recorded in data_dir/identity (0 = none yet) */
+    int identity_removed;
+    uint64_t hint_leader;    /* leader id the hints were computed for */
+    uint64_t hint_nodes_ver; /* store_nodes_version at that time */
+    int nodeinfo_busy;
+    uint64_t nodeinfo_retry_at;
+    struct store_outcome nodeinfo_out;
+    uint64_t disk_check_at;
+    int disk_low;
+    int transfer_busy;
+    int announced_listening;
 };
 
 static const char *const listener_names[L_COUNT] = {"imap",  "imaps",      "pop3",      "pop3s",
@@ -171,9 +185,152 @@ static void notify_status(struct daemon *d)
                d->n.total_sessions);
 }
 
+/* ---- identity (data_dir/identity) ---- */
+
+static int unhex16(const char *s, uint8_t out[16])
+{
+    int i;
+    for (i = 0; i < 16; i++) {
+        unsigned v;
+        if (sscanf(s + 2 * i, "%2x", &v) != 1) return -1;
+        out[i] = (uint8_t)v;
+    }
+    return strlen(s) == 32 ? 0 : -1;
+}
+
+/* Write data_dir/identity atomically (tmp + rename + fsync). */
+static int identity_write(struct daemon *d)
+{
+    char tmp[4200], hex[33] = "";
+    FILE *f;
+    int fd;
+
+    if (!is_zero16(d->identity_gid)) hex16(d->identity_gid, hex);
+    snprintf(tmp, sizeof tmp, "%s.tmp", d->identity_path);
+    f = fopen(tmp, "w");
+    if (f == NULL) {
+        cf_error("identity: cannot write %s: %s", tmp, strerror(errno));
+        return -1;
+    }
+    fprintf(f,
+            "# coffer-store data dir identity (written by coffer-store; do not edit)\n"
+            "node_id=%" PRIu64 "\ngroup_id=%s\nstate=%s\n",
+            d->cfg.node_id, hex, d->identity_removed ? "removed" : "member");
+    fflush(f);
+    fd = fileno(f);
+    if (fd >= 0) fsync(fd);
+    if (fclose(f) != 0 || rename(tmp, d->identity_path) != 0) {
+        cf_error("identity: cannot replace %s: %s", d->identity_path, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* Read (or create) the identity and refuse a data dir that belongs to
+ * another node or group, or whose node was removed from its group. */
+static int identity_check(struct daemon *d, char *err, size_t errlen)
+{
+    FILE *f;
+    char line[256];
+    uint64_t node_id = 0;
+    int have_node = 0;
+
+    snprintf(d->identity_path, sizeof d->identity_path, "%s/identity", d->cfg.data_dir);
+    f = fopen(d->identity_path, "r");
+    if (f == NULL) {
+        if (errno != ENOENT) {
+            snprintf(err, errlen, "cannot read %s: %s", d->identity_path, strerror(errno));
+            return -1;
+        }
+        if (identity_write(d) != 0) {
+            snprintf(err, errlen, "cannot write %s", d->identity_path);
+            return -1;
+        }
+        return 0;
+    }
+    while (fgets(line, sizeof line, f) != NULL) {
+        line[strcspn(line, "\r\n")] = '\0';
+        if (strncmp(line, "node_id=", 8) == 0) {
+            node_id = strtoull(line + 8, NULL, 10);
+            have_node = 1;
+        } else if (strncmp(line, "group_id=", 9) == 0 && line[9] != '\0') {
+            if (unhex16(line + 9, d->identity_gid) != 0) {
+                fclose(f);
+                snprintf(err, errlen, "%s: malformed group_id", d->identity_path);
+                return -1;
+            }
+        } else if (strcmp(line, "state=removed") == 0) {
+            d->identity_removed = 1;
+        }
+    }
+    fclose(f);
+    if (!have_node) {
+        snprintf(err, errlen, "%s: no node_id", d->identity_path);
+        return -1;
+    }
+    if (node_id != d->cfg.node_id) {
+        snprintf(err, errlen,
+                 "data dir %s belongs to node %" PRIu64 ", not to node %" PRIu64
+                 " (node.id); refusing to start",
+                 d->cfg.data_dir, node_id, d->cfg.node_id);
+        return -1;
+    }
+    if (d->identity_removed) {
+        snprintf(err, errlen,
+                 "node %" PRIu64 " was removed from its group; wipe %s to add it again "
+                 "(cofferctl node add)",
+                 node_id, d->cfg.data_dir);
+        return -1;
+    }
+    if (d->cfg.group_id != NULL && !is_zero16(d->identity_gid)) {
+        char hex[33];
+        hex16(d->identity_gid, hex);
+        if (strcmp(hex, d->cfg.group_id) != 0) {
+            snprintf(err, errlen,
+                     "data dir %s belongs to group %s, not to group %s (node.group_id); "
+                     "refusing to start",
+                     d->cfg.data_dir, hex, d->cfg.group_id);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* After the store is open: its group stamp must match the identity. */
+static int identity_check_store(struct daemon *d, char *err, size_t errlen)
+{
+    uint8_t gid[16];
+    char a[33], b[33];
+
+    store_group_id(d->n.store, gid);
+    if (is_zero16(gid) || is_zero16(d->identity_gid)) return 0;
+    if (memcmp(gid, d->identity_gid, 16) == 0) return 0;
+    hex16(gid, a);
+    hex16(d->identity_gid, b);
+    snprintf(err, errlen, "store in %s is stamped with group %s but the data dir with group %s",
+             d->cfg.data_dir, a, b);
+    return -1;
+}
+
+/* Record the group id once the store learns it. */
+static void identity_update(struct daemon *d)
+{
+    uint8_t gid[16];
+
+    store_group_id(d->n.store, gid);
+    if (is_zero16(gid) || memcmp(gid, d->identity_gid, 16) == 0) return;
+    if (!is_zero16(d->identity_gid)) {
+        cf_crit("store group id changed under this node; stopping");
+        return;
+    }
+    memcpy(d->identity_gid, gid, 16);
+    identity_write(d);
+}
+
 /* ---- group stamp and readiness ---- */
 
 static void check_ready(struct daemon *d);
+static void update_leader_hint(struct daemon *d);
 
 static void group_init_cb(void *arg, int status, struct store_outcome *out)
 {
@@ -265,19 +422,22 @@ static void check_ready(struct daemon *d)
     int i;
 
     if (d->ready || d->stopping || !d->listening) return;
-    if (!rep_is_leader(d->n.rep)) return;
+    if (!rep_is_started(d->n.rep)) return;
     store_group_id(d->n.store, gid);
-    if (is_zero16(gid)) {
+    if (!rep_is_leader(d->n.rep)) {
+        /* A follower is ready once it holds the group's state (it has
+         * applied at least the group stamp). */
+        if (is_zero16(gid)) return;
+    } else if (is_zero16(gid)) {
         maybe_stamp_group(d);
         return;
     }
     d->ready = 1;
-    uv_timer_stop(&d->ready_timer);
     hex16(gid, hex);
     sd_notify(0, "READY=1");
     notify_status(d);
-    cf_notice("coffer-store %s ready (node %" PRIu64 ", group %s)", COFFER_VERSION, d->cfg.node_id,
-              hex);
+    cf_notice("coffer-store %s ready (node %" PRIu64 ", group %s, %s)", COFFER_VERSION,
+              d->cfg.node_id, hex, rep_is_leader(d->n.rep) ? "leader" : "follower");
     /* One line on stderr that harnesses wait for. */
     fprintf(stderr, "coffer-store ready:");
     for (i = 0; i < L_COUNT; i++)
@@ -286,9 +446,142 @@ static void check_ready(struct daemon *d)
     fflush(stderr);
 }
 
+/* ---- cluster housekeeping (every READY_POLL_MS) ---- */
+
+/* leader_hint / leader_admin from the `nodes` table. */
+static void update_leader_hint(struct daemon *d)
+{
+    struct rep_info info;
+    struct store_node sn;
+    uint64_t ver = store_nodes_version(d->n.store);
+
+    rep_get_info(d->n.rep, &info);
+    if (!info.is_leader && info.leader_id == d->cfg.node_id) info.leader_id = 0; /* stale */
+    if (info.leader_id == d->hint_leader && ver == d->hint_nodes_ver) return;
+    d->hint_leader = info.leader_id;
+    d->hint_nodes_ver = ver;
+    d->n.leader_hint[0] = '\0';
+    d->n.leader_admin[0] = '\0';
+    if (info.leader_id == 0 || store_node_get(d->n.store, NULL, info.leader_id, &sn) != 0) {
+        /* Unknown addresses: name the leader by its Raft address at least
+         * in the admin refusal; clients get no hint. */
+        return;
+    }
+    snprintf(d->n.leader_hint, sizeof d->n.leader_hint, "%s", sn.imap[0] ? sn.imap : sn.imaps);
+    snprintf(d->n.leader_admin, sizeof d->n.leader_admin, "%s", sn.admin);
+    if (info.leader_id != d->cfg.node_id)
+        cf_info("leader is node %" PRIu64 " (imap %s, admin %s)", info.leader_id,
+                d->n.leader_hint[0] ? d->n.leader_hint : "-",
+                d->n.leader_admin[0] ? d->n.leader_admin : "-");
+}
+
+static const char *str_or_empty(const char *s)
+{
+    return s != NULL ? s : "";
+}
+
+static void nodeinfo_cb(void *arg, int status, struct store_outcome *out)
+{
+    struct daemon *d = arg;
+
+    d->nodeinfo_busy = 0;
+    if (status != REP_OK || out->result != STORE_OK) {
+        cf_warn("NodeInfo for this node not stored: %s",
+                status != REP_OK ? rep_strerror(status) : out->text);
+        d->nodeinfo_retry_at = uv_now(&d->loop) + GROUP_RETRY_MS;
+    }
+    store_outcome_clear(&d->nodeinfo_out);
+}
+
+/* The leader keeps its own service addresses in the `nodes` table. */
+static void maybe_propose_nodeinfo(struct daemon *d)
+{
+    Coffer__Entry e = COFFER__ENTRY__INIT;
+    Coffer__NodeInfo ni = COFFER__NODE_INFO__INIT;
+    struct store_node sn;
+    struct sconf *c = &d->cfg;
+    uint8_t gid[16];
+    int rv;
+
+    if (d->nodeinfo_busy || d->stopping || !rep_is_leader(d->n.rep)) return;
+    if (uv_now(&d->loop) < d->nodeinfo_retry_at) return;
+    store_group_id(d->n.store, gid);
+    if (is_zero16(gid)) return;
+    rv = store_node_get(d->n.store, NULL, c->node_id, &sn);
+    if (rv == 0 && strcmp(sn.raft, str_or_empty(c->raft_address)) == 0 &&
+        strcmp(sn.imap, str_or_empty(c->imap_listen)) == 0 &&
+        strcmp(sn.imaps, str_or_empty(c->imaps_listen)) == 0 &&
+        strcmp(sn.pop3, str_or_empty(c->pop3_listen)) == 0 &&
+        strcmp(sn.pop3s, str_or_empty(c->pop3s_listen)) == 0 &&
+        strcmp(sn.admin, str_or_empty(c->admin_listen)) == 0)
+        return;
+    ni.node_id = c->node_id;
+    ni.raft_address = (char *)str_or_empty(c->raft_address);
+    ni.imap_address = (char *)str_or_empty(c->imap_listen);
+    ni.imaps_address = (char *)str_or_empty(c->imaps_listen);
+    ni.pop3_address = (char *)str_or_empty(c->pop3_listen);
+    ni.pop3s_address = (char *)str_or_empty(c->pop3s_listen);
+    ni.admin_address = (char *)str_or_empty(c->admin_listen);
+    e.op_case = COFFER__ENTRY__OP_NODE_INFO;
+    e.node_info = &ni;
+    e.actor = "coffer-store";
+    rv = propose_entry(&d->n, &e, &d->nodeinfo_out, nodeinfo_cb, d);
+    if (rv != 0) {
+        d->nodeinfo_retry_at = uv_now(&d->loop) + GROUP_RETRY_MS;
+        return;
+    }
+    d->nodeinfo_busy = 1;
+}
+
+static void transfer_done(void *arg, int status)
+{
+    struct daemon *d = arg;
+
+    d->transfer_busy = 0;
+    if (status != REP_OK) cf_warn("disk nearly full: leadership transfer did not complete");
+}
+
+/* Free space of the data dir: a leader below node.min_free_disk hands
+ * leadership to another voter; a follower logs (libraft stops accepting
+ * entries on ENOSPC by itself and recovers when space returns). */
+static void check_disk(struct daemon *d)
+{
+    struct statvfs sv;
+    uint64_t free_b;
+    int low;
+
+    if (d->cfg.min_free_disk == 0 || uv_now(&d->loop) < d->disk_check_at) return;
+    d->disk_check_at = uv_now(&d->loop) + 2000;
+    if (statvfs(d->cfg.data_dir, &sv) != 0) return;
+    free_b = (uint64_t)sv.f_bavail * sv.f_frsize;
+    low = free_b < d->cfg.min_free_disk;
+    if (low != d->disk_low) {
+        d->disk_low = low;
+        if (low)
+            cf_crit("disk nearly full: %" PRIu64 " bytes free in %s (node.min_free_disk %" PRIu64
+                    ")%s",
+                    free_b, d->cfg.data_dir, d->cfg.min_free_disk,
+                    rep_is_leader(d->n.rep) ? "; stepping down as leader" : "");
+        else
+            cf_notice("disk space recovered: %" PRIu64 " bytes free in %s", free_b,
+                      d->cfg.data_dir);
+    }
+    if (low && !d->transfer_busy && rep_is_leader(d->n.rep)) {
+        if (rep_transfer(d->n.rep, 0, transfer_done, d) == 0) d->transfer_busy = 1;
+    }
+}
+
 static void ready_timer_cb(uv_timer_t *t)
 {
-    check_ready(t->data);
+    struct daemon *d = t->data;
+
+    if (d->stopping) return;
+    check_ready(d);
+    if (!rep_is_started(d->n.rep)) return;
+    identity_update(d);
+    update_leader_hint(d);
+    maybe_propose_nodeinfo(d);
+    check_disk(d);
 }
 
 static void role_cb(void *arg, int is_leader)
@@ -296,6 +589,7 @@ static void role_cb(void *arg, int is_leader)
     struct daemon *d = arg;
 
     if (d->stopping) return;
+    update_leader_hint(d);
     if (is_leader) {
         cf_notice("this node is the leader");
         check_ready(d);
@@ -305,6 +599,46 @@ static void role_cb(void *arg, int is_leader)
         pop3_close_all(&d->n, "not leader");
     }
     notify_status(d);
+}
+
+static void begin_shutdown(struct daemon *d, const char *why);
+
+/* This node is no longer a member: record it, stop serving, exit. */
+static void node_leave(struct node *n, const char *why)
+{
+    struct daemon *d = n->daemon;
+
+    if (d->stopping) return;
+    cf_crit("%s: marking %s removed and stopping", why, d->cfg.data_dir);
+    d->identity_removed = 1;
+    identity_write(d);
+    n->state = "removed";
+    begin_shutdown(d, why);
+}
+
+static void removed_cb(void *arg)
+{
+    struct daemon *d = arg;
+    node_leave(&d->n, "removed from the group");
+}
+
+static int node_start_raft(struct node *n, int bootstrap, char *err, size_t errlen)
+{
+    struct daemon *d = n->daemon;
+
+    if (d->stopping) {
+        snprintf(err, errlen, "node is stopping");
+        return -1;
+    }
+    if (rep_is_started(n->rep)) {
+        snprintf(err, errlen, "this node already belongs to a group");
+        return -1;
+    }
+    if (rep_start_mode(n->rep, bootstrap, err, errlen) != 0) return -1;
+    n->state = "member";
+    cf_notice("%s", bootstrap ? "bootstrapped a new group (this node is its only voter)"
+                              : "Raft started: waiting for the leader to add this node");
+    return 0;
 }
 
 /* ---- listeners ---- */
@@ -457,85 +791,6 @@ static void on_signal(uv_signal_t *s, int signum)
     begin_shutdown(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
 }
 
-/* ---- FSM glue ---- */
-
-static int fsm_apply(void *fsm, uint64_t index, const void *buf, size_t len)
-{
-    struct node *n = fsm;
-    return store_apply(n->store, index, buf, len, NULL);
-}
-
-static int fsm_snapshot(void *fsm, uint64_t index, void **buf_r, size_t *len_r)
-{
-    struct node *n = fsm;
-    Coffer__SnapshotDescriptor sd = COFFER__SNAPSHOT_DESCRIPTOR__INIT;
-    uint8_t gid[16];
-    uint64_t applied;
-    size_t len;
-    void *buf;
-
-    /* The raft log up to `index` may be dropped after this: the store must
-     * be on disk first (it runs with relaxed LMDB syncing). */
-    if (store_sync(n->store) != 0) {
-        cf_error("snapshot: store_sync failed");
-        return -1;
-    }
-    /* applied_index: the store holds every command up to raft index
-     * `index`. The store's own watermark can be lower (the last entries were
-     * barriers or configuration changes, which never reach store_apply) or
-     * higher (after a restart the store is ahead of raft's replay), hence
-     * the minimum of both. restore() checks the store reaches it. */
-    applied = store_applied_index(n->store);
-    if (applied > index) applied = index;
-    store_group_id(n->store, gid);
-    sd.format = 1;
-    sd.group_id.data = gid;
-    sd.group_id.len = sizeof gid;
-    sd.applied_index = applied;
-    len = coffer__snapshot_descriptor__get_packed_size(&sd);
-    buf = malloc(len > 0 ? len : 1);
-    if (buf == NULL) return -1;
-    coffer__snapshot_descriptor__pack(&sd, buf);
-    *buf_r = buf;
-    *len_r = len;
-    return 0;
-}
-
-static int fsm_restore(void *fsm, const void *buf, size_t len)
-{
-    struct node *n = fsm;
-    Coffer__SnapshotDescriptor *sd;
-    uint64_t have = store_applied_index(n->store);
-    uint8_t gid[16];
-    int rv = -1;
-
-    sd = coffer__snapshot_descriptor__unpack(NULL, len, buf);
-    if (sd == NULL || sd->format != 1) {
-        cf_crit("snapshot restore: unreadable snapshot descriptor (%zu bytes)", len);
-        goto out;
-    }
-    store_group_id(n->store, gid);
-    if (sd->group_id.len == 16 && !is_zero16(gid) && !is_zero16(sd->group_id.data) &&
-        memcmp(gid, sd->group_id.data, 16) != 0) {
-        cf_crit("snapshot restore: snapshot belongs to another group; refusing");
-        goto out;
-    }
-    if (have >= sd->applied_index) {
-        cf_info("snapshot restore: store at index %" PRIu64 " covers snapshot %" PRIu64, have,
-                sd->applied_index);
-        rv = 0;
-    } else {
-        cf_crit("store is behind snapshot %" PRIu64 " (store at %" PRIu64
-                "): needs a checkpoint (not available in this version)",
-                sd->applied_index, have);
-    }
-out:
-    if (sd != NULL) coffer__snapshot_descriptor__free_unpacked(sd, NULL);
-    return rv;
-}
-
-static const struct rep_fsm_ops fsm_ops = {fsm_apply, fsm_snapshot, fsm_restore};
-
 /* ---- setup ---- */
 
 static int make_tls(struct daemon *d, char *err, size_t errlen)
@@ -657,11 +912,23 @@ int main(int argc, char **argv)
 
     signal(SIGPIPE, SIG_IGN);
     if (mkdir_0700(d->cfg.data_dir, err, sizeof err) != 0) goto fail_msg;
+    if (identity_check(d, err, sizeof err) != 0) goto fail_msg;
     snprintf(path, sizeof path, "%s/raft", d->cfg.data_dir);
     if (mkdir_0700(path, err, sizeof err) != 0) goto fail_msg;
     snprintf(path, sizeof path, "%s/lmdb", d->cfg.data_dir);
     if (mkdir_0700(path, err, sizeof err) != 0) goto fail_msg;
     if (store_open(path, d->cfg.map_size, &d->n.store, err, sizeof err) != 0) goto fail_msg;
+    if (identity_check_store(d, err, sizeof err) != 0) goto fail_msg_store;
+    {
+        uint64_t other = store_node_find_raft(d->n.store, d->cfg.raft_address, d->cfg.node_id);
+        if (other != 0) {
+            snprintf(err, sizeof err,
+                     "Raft address %s belongs to member %" PRIu64 " of this group, not to node "
+                     "%" PRIu64 " (check raft.address and node.id)",
+                     d->cfg.raft_address, other, d->cfg.node_id);
+            goto fail_msg_store;
+        }
+    }
 
     rv = uv_loop_init(&d->loop);
     if (rv != 0) {
@@ -692,12 +959,30 @@ int main(int argc, char **argv)
     rc.snapshot_threshold = d->cfg.snapshot_threshold;
     rc.snapshot_trailing = d->cfg.snapshot_trailing;
     rc.max_entry_bytes = d->cfg.max_message + d->cfg.max_message / 2 + ENTRY_OVERHEAD;
-    d->n.rep = rep_create(&d->loop, &rc, &fsm_ops, &d->n, err, sizeof err);
+    d->n.rep = rep_create(&d->loop, &rc, &node_fsm_ops, &d->n, err, sizeof err);
     if (d->n.rep == NULL) goto fail_loop;
     rep_set_role_cb(d->n.rep, role_cb, d);
-    if (rep_start(d->n.rep, err, sizeof err) != 0) goto fail_loop;
+    rep_set_removed_cb(d->n.rep, removed_cb, d);
+    d->n.daemon = d;
+    d->n.start_raft = node_start_raft;
+    d->n.leave = node_leave;
+    if (!d->cfg.raft_bootstrap && rep_dir_is_new(path)) {
+        /* Neither bootstrapped nor joined yet: wait for the operator. */
+        d->n.state = "uninitialised";
+        cf_notice("uninitialised node %" PRIu64 ": waiting for `cofferctl group bootstrap` or "
+                  "`cofferctl node add` (Raft not started)",
+                  d->cfg.node_id);
+    } else {
+        if (rep_start(d->n.rep, err, sizeof err) != 0) goto fail_loop;
+        d->n.state = "member";
+    }
     if (start_listeners(d, err, sizeof err) != 0) goto fail_loop;
     d->listening = 1;
+    /* One line on stderr that cluster harnesses wait for (every node, also
+     * followers and uninitialised ones). */
+    fprintf(stderr, "coffer-store listening: node=%" PRIu64 " state=%s admin=%s\n", d->cfg.node_id,
+            d->n.state, d->ls[L_ADMIN].active ? d->ls[L_ADMIN].bound : "-");
+    fflush(stderr);
 
     uv_timer_start(&d->ready_timer, ready_timer_cb, 0, READY_POLL_MS);
     sd_notify(0, "STATUS=starting");

@@ -30,7 +30,22 @@ struct node {
      * unknown. Maintained by the daemon; sessions put it in their refusal
      * ("* BYE [UNAVAILABLE] not leader; leader is <hint>") so proxies can route. */
     char leader_hint[128];
+    /* The leader's admin address ("" = unknown), for admin refusals. */
+    char leader_admin[128];
+    /* Daemon hooks for the admin RPC (storenode/main.c; NULL in tests). */
+    void *daemon;
+    /* Start Raft on a node that waits uninitialised: bootstrap = 1 makes a
+     * new single-voter group, 0 waits to be added by a leader. 0 or -1. */
+    int (*start_raft)(struct node *n, int bootstrap, char *err, size_t errlen);
+    /* This node was removed from its group: mark the data dir and exit. */
+    void (*leave)(struct node *n, const char *why);
+    /* "uninitialised", "member" or "removed" */
+    const char *state;
 };
+
+/* The FSM plugged into replication; fsm data = struct node * (uses
+ * n->store only). storenode/node_fsm.c. */
+extern const struct rep_fsm_ops node_fsm_ops;
 
 /* "[UNAVAILABLE] not leader[; leader is <hint>]" written into buf (len
  * bytes). Returns buf. */

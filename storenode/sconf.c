@@ -24,6 +24,8 @@ static const char *const known_keys[][2] = {
     {"node", "id"},
     {"node", "data_dir"},
     {"node", "log_level"},
+    {"node", "group_id"},
+    {"node", "min_free_disk"},
     {"raft", "address"},
     {"raft", "bootstrap"},
     {"raft", "election_timeout"},
@@ -83,6 +85,7 @@ void sconf_free(struct sconf *c)
     if (c == NULL) return;
     free(c->data_dir);
     free(c->log_level);
+    free(c->group_id);
     free(c->raft_address);
     free(c->tls_cert);
     free(c->tls_key);
@@ -110,6 +113,8 @@ void sconf_defaults(struct sconf *c)
     c->node_id = 1;
     c->data_dir = xstrdup_or_null("/var/lib/coffer");
     c->log_level = xstrdup_or_null("info");
+    c->group_id = NULL;
+    c->min_free_disk = 256 * MIB;
     c->raft_address = xstrdup_or_null("127.0.0.1:7001");
     c->raft_bootstrap = 1;
     c->election_timeout_ms = 1000;
@@ -319,6 +324,17 @@ static int validate(struct sconf *c, char *err, size_t errlen)
                  c->log_level != NULL ? c->log_level : "");
         return -1;
     }
+    if (c->group_id != NULL) {
+        size_t k, gl = strlen(c->group_id);
+        for (k = 0; k < gl; k++)
+            if (!((c->group_id[k] >= '0' && c->group_id[k] <= '9') ||
+                  (c->group_id[k] >= 'a' && c->group_id[k] <= 'f')))
+                break;
+        if (gl != 32 || k != gl) {
+            snprintf(err, errlen, "node.group_id: must be 32 lower-case hex digits");
+            return -1;
+        }
+    }
     for (i = 0; i < 8; i++)
         if (check_addr(addrs[i][0], addrs[i][1], addrs[i][2], i > 0, err, errlen) != 0) return -1;
     for (i = 0; i < 8; i++) {
@@ -424,6 +440,8 @@ int sconf_load(const char *path, struct sconf *c, char *err, size_t errlen)
     TYPED(cf_config_u64, "node", "id", node_id);
     STR("node", "data_dir", data_dir, 0);
     STR("node", "log_level", log_level, 0);
+    STR("node", "group_id", group_id, 1);
+    TYPED(cf_config_size, "node", "min_free_disk", min_free_disk);
     STR("raft", "address", raft_address, 0);
     TYPED(cf_config_bool, "raft", "bootstrap", raft_bootstrap);
     TYPED(cf_config_ms, "raft", "election_timeout", election_timeout_ms);

@@ -8,9 +8,11 @@
 
 struct sconf {
     /* [node] */
-    uint64_t node_id; /* node.id, default 1 */
-    char *data_dir;   /* node.data_dir, default /var/lib/coffer */
-    char *log_level;  /* node.log_level, default info */
+    uint64_t node_id;       /* node.id, default 1 */
+    char *data_dir;         /* node.data_dir, default /var/lib/coffer */
+    char *log_level;        /* node.log_level, default info */
+    char *group_id;         /* node.group_id: 32 hex digits the data dir must belong to, or NULL */
+    uint64_t min_free_disk; /* node.min_free_disk: below this a leader steps down, default 256M */
     /* [raft] */
     char *raft_address;           /* raft.address, default 127.0.0.1:7001 */
     int raft_bootstrap;           /* raft.bootstrap, default yes */

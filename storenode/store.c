@@ -42,6 +42,7 @@
 #include <sys/stat.h>
 
 #include "cf_log.h"
+#include "coffer_raft.pb-c.h"
 
 /* ---------------------------------------------------------------- codecs */
 
@@ -408,7 +409,7 @@ int store_open(const char *dir, uint64_t map_size, struct store **st_r, char *er
         {"mbnames", &st->mbnames}, {"mailboxes", &st->mailboxes}, {"msgs", &st->msgs},
         {"blobs", &st->blobs},     {"blobmeta", &st->blobmeta},   {"subs", &st->subs},
         {"acl", &st->acl},         {"requests", &st->requests},   {"reqlog", &st->reqlog},
-        {"modseq", &st->modseq},
+        {"modseq", &st->modseq},   {"nodes", &st->nodes},
     };
     for (size_t i = 0; i < sizeof(dbs) / sizeof(dbs[0]); i++) {
         what = dbs[i].name;
@@ -449,6 +450,75 @@ fail_noerr:
     if (st->env) mdb_env_close(st->env);
     free(st);
     return -1;
+}
+
+static void copy_str(char *dst, size_t cap, const char *s)
+{
+    snprintf(dst, cap, "%s", s ? s : "");
+}
+
+int store_node_get(struct store *st, MDB_txn *txn, uint64_t id, struct store_node *n_r)
+{
+    MDB_txn *own = NULL;
+    uint8_t kb[8];
+    MDB_val k = {8, kb}, v;
+    Coffer__NodeInfo *ni;
+    int rc;
+
+    memset(n_r, 0, sizeof(*n_r));
+    if (txn == NULL) {
+        own = store_rtxn_begin(st);
+        if (own == NULL) return -1;
+        txn = own;
+    }
+    store__be64(kb, id);
+    rc = mdb_get(txn, st->nodes, &k, &v);
+    if (rc != 0) {
+        store_rtxn_end(own);
+        return rc == MDB_NOTFOUND ? STORE_ENOENT : -1;
+    }
+    ni = coffer__node_info__unpack(NULL, v.mv_size, v.mv_data);
+    store_rtxn_end(own);
+    if (ni == NULL) return -1;
+    n_r->id = ni->node_id;
+    copy_str(n_r->raft, sizeof n_r->raft, ni->raft_address);
+    copy_str(n_r->imap, sizeof n_r->imap, ni->imap_address);
+    copy_str(n_r->imaps, sizeof n_r->imaps, ni->imaps_address);
+    copy_str(n_r->pop3, sizeof n_r->pop3, ni->pop3_address);
+    copy_str(n_r->pop3s, sizeof n_r->pop3s, ni->pop3s_address);
+    copy_str(n_r->admin, sizeof n_r->admin, ni->admin_address);
+    coffer__node_info__free_unpacked(ni, NULL);
+    return 0;
+}
+
+uint64_t store_node_find_raft(struct store *st, const char *address, uint64_t self_id)
+{
+    MDB_txn *txn = store_rtxn_begin(st);
+    MDB_cursor *c = NULL;
+    MDB_val k, v;
+    uint64_t found = 0;
+    int op = MDB_FIRST;
+
+    if (txn == NULL) return 0;
+    if (mdb_cursor_open(txn, st->nodes, &c) == 0) {
+        while (found == 0 && mdb_cursor_get(c, &k, &v, (MDB_cursor_op)op) == 0) {
+            Coffer__NodeInfo *ni = coffer__node_info__unpack(NULL, v.mv_size, v.mv_data);
+            op = MDB_NEXT;
+            if (ni == NULL) continue;
+            if (ni->node_id != self_id && ni->raft_address != NULL &&
+                strcmp(ni->raft_address, address) == 0)
+                found = ni->node_id;
+            coffer__node_info__free_unpacked(ni, NULL);
+        }
+        mdb_cursor_close(c);
+    }
+    store_rtxn_end(txn);
+    return found;
+}
+
+uint64_t store_nodes_version(struct store *st)
+{
+    return st->nodes_version;
 }
 
 void store_close(struct store **stp)

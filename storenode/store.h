@@ -32,6 +32,8 @@
  *   requests  request_id(16) -> applied index + outcome (idempotency)
  *   reqlog    index(8) -> request_id (expiry order for `requests`)
  *   modseq    mailbox_id(8) + modseq(8) + uid(4) -> empty (CONDSTORE index)
+ *   nodes     node_id(8) -> packed coffer.NodeInfo (service addresses of the
+ *             group's members; not part of the content digest)
  */
 #ifndef STORE_H
 #define STORE_H
@@ -268,6 +270,20 @@ int store_subs_has(struct store *st, MDB_txn *txn, uint64_t user_id, const char 
 uint32_t store_rights(struct store *st, MDB_txn *txn, uint64_t user_id,
                       const struct store_mailbox *mb);
 
+/* Service addresses of a group member (NodeInfo entries). Strings are
+ * copies ("" when unknown). */
+struct store_node {
+    uint64_t id;
+    char raft[128], imap[128], imaps[128], pop3[128], pop3s[128], admin[128];
+};
+/* 0, STORE_ENOENT or -1. txn may be NULL (a short read txn is used). */
+int store_node_get(struct store *st, MDB_txn *txn, uint64_t id, struct store_node *n_r);
+/* Id of a member other than `self_id` whose Raft address is `address`
+ * (0 if none). */
+uint64_t store_node_find_raft(struct store *st, const char *address, uint64_t self_id);
+/* Incremented (in memory) whenever a NodeInfo entry is applied. */
+uint64_t store_nodes_version(struct store *st);
+
 /* Content digest (SHA-256 over a canonical walk of users, mailboxes,
  * messages and blobs; hex into out[65]). O(store); for status/tests. */
 int store_digest(struct store *st, char out[65]);
@@ -287,7 +303,8 @@ struct store_waiter {
 struct store {
     MDB_env *env;
     MDB_dbi meta, users, userids, mbnames, mailboxes, msgs, blobs, blobmeta, subs, acl, requests,
-        reqlog, modseq;
+        reqlog, modseq, nodes;
+    uint64_t nodes_version;
     uint64_t applied;     /* cached meta "applied" */
     uint8_t group_id[16]; /* cached meta "group_id" */
     struct store_waiter *waiters[STORE_WAIT_BUCKETS];
