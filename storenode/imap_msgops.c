@@ -680,8 +680,8 @@ static void expunge_finish(struct imap_session *s, struct mop *op)
 
 /* The APPEND destination: validated name (malloc()ed) and the rights on it.
  * Returns 0, or -1 after replying NO (TRYCREATE when it does not exist).
- * Meant for imap_append_check_literal as well, once the literal info
- * carries the arguments parsed so far. */
+ * Used by imap_append_check_literal (before "+") and again by the command
+ * itself (the mailbox may have gone meanwhile). */
 static int append_target(struct imap_session *s, const struct imap_arg *a, char **name_r,
                          uint32_t *rights_r)
 {
@@ -727,14 +727,31 @@ int imap_append_check_literal(struct imap_session *s, const struct imap_literal_
         }
         return 1;
     }
-    if (li->size == 0) {
-        imap_cmd_done(s, "NO", NULL, "Empty message");
-        return 0;
-    }
     if (li->size > cfg->max_message) {
         imap_cmd_done(s, "NO", "TOOBIG", "Message too big (limit %llu bytes)",
                       (unsigned long long)cfg->max_message);
         return 0;
+    }
+    /* A non-synchronising literal is already on the wire: refusing it
+     * would cost the connection, so everything but the size is left to the
+     * command (which checks the mailbox, emptiness and quota again). */
+    if (li->non_sync) return 1;
+    if (li->size == 0) {
+        imap_cmd_done(s, "NO", NULL, "Empty message");
+        return 0;
+    }
+    /* RFC 3501 6.3.11: a missing mailbox gets NO [TRYCREATE] before the
+     * client sends the message. Only for the message literal itself (a new
+     * top-level argument after the mailbox name). */
+    if (li->args != NULL && li->n_args >= 1 && li->arg_index == li->n_args) {
+        if (!imap_arg_is_astring(&li->args[0])) {
+            imap_cmd_done(s, "BAD", NULL, "Invalid arguments");
+            return 0;
+        }
+        char *name = NULL;
+        uint32_t rights = 0;
+        if (append_target(s, &li->args[0], &name, &rights) < 0) return 0;
+        free(name);
     }
     MDB_txn *txn = store_rtxn_begin(s->node->store);
     if (!txn) return 1; /* checked again when applied */

@@ -438,6 +438,8 @@ static enum tok_result tokenize(struct imap_parser *p, const char *s, size_t n, 
             p->lit.tag = p->cmd.tag;
             p->lit.name = p->cmd.name;
             p->lit.arg_index = p->depth > 0 ? p->stack[0].n - 1 : p->stack[0].n;
+            p->lit.args = p->stack[0].v;
+            p->lit.n_args = p->stack[0].n;
             return TOK_LITERAL;
         }
         /* atom (possibly with [...] sections). A '[' opens a section up to
@@ -652,8 +654,10 @@ enum imap_parse_result imap_parser_feed(struct imap_parser *p, const char *buf, 
             size_t chunk = lf ? (size_t)(lf - (buf + pos)) : len - pos;
             if (p->text_total + p->line_len + chunk > p->lim.max_line) {
                 /* keep what fits for the tag, then drop the rest */
-                size_t room = p->lim.max_line - p->text_total - p->line_len;
+                size_t sofar = p->text_total + p->line_len;
+                size_t room = sofar < p->lim.max_line ? p->lim.max_line - sofar : 0;
                 if (room > 64) room = 64;
+                if (room > chunk) room = chunk; /* never past the input */
                 if (p->line_len < 64) line_append(p, buf + pos, room);
                 salvage_tag(p, p->line, p->line_len);
                 p->line_len = 0;
@@ -756,6 +760,23 @@ int imap_parser_literal_reject(struct imap_parser *p)
     p->line_len = 0;
     p->done = 1;
     return close;
+}
+
+void imap_parser_compact(struct imap_parser *p)
+{
+    if (p->state != PS_LINE || (p->line_len != 0 && !p->rl_done)) return;
+    if (!p->done && (p->phase != PH_TAG || p->n_tokens != 0 || p->cmd.tag != NULL)) return;
+    command_clear(p);
+    p->done = 0;
+    p->rl_done = 0;
+    for (size_t i = 0; i < p->stack_cap; i++) {
+        free(p->stack[i].v);
+        p->stack[i].v = NULL;
+        p->stack[i].cap = 0;
+    }
+    free(p->line);
+    p->line = NULL;
+    p->line_cap = 0;
 }
 
 char *imap_parser_take_literal(struct imap_parser *p, struct imap_arg *arg, size_t *len_r)

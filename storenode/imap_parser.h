@@ -81,7 +81,14 @@ struct imap_literal_info {
     int non_sync;    /* {n+} */
     const char *tag; /* tag and name so far (may be NULL) */
     const char *name;
-    size_t arg_index; /* index among top-level args the literal will take */
+    size_t arg_index; /* index among top-level args the literal will take
+                         (== n_args: a new top-level arg; < n_args: inside
+                         the list args[arg_index]) */
+    /* Top-level args parsed so far (the last one may be an unfinished
+     * list when the literal sits inside it). Valid until
+     * imap_parser_literal_accept()/reject(). */
+    const struct imap_arg *args;
+    size_t n_args;
 };
 
 struct imap_parser;
@@ -111,6 +118,12 @@ void imap_parser_literal_accept(struct imap_parser *p, uint64_t max_bytes);
 /* Reject: the command is abandoned. Returns 1 if the session must close the
  * connection (non-synchronising literal already in flight), else 0. */
 int imap_parser_literal_reject(struct imap_parser *p);
+
+/* Between commands: free the memory of the last command (arena, literal
+ * buffers, argument vectors) and the line buffer, when no partial command
+ * is buffered. The last command's imap_command and args become invalid.
+ * A no-op while a command or literal is in progress. */
+void imap_parser_compact(struct imap_parser *p);
 
 /* Take ownership of a literal's buffer (malloc()ed, len bytes + NUL). */
 char *imap_parser_take_literal(struct imap_parser *p, struct imap_arg *arg, size_t *len_r);

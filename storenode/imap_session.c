@@ -63,8 +63,10 @@ struct imap_priv {
     int auth_sync_done; /* auth callback ran inside auth_verify() */
     unsigned auth_failures;
     const char *bye_after; /* imap_cmd_done: send this BYE and close after the reply */
-    char *inbuf;           /* unparsed input, INBUF_MAX bytes */
-    size_t inlen;
+    char *inbuf;           /* unparsed input: grown on demand up to INBUF_MAX, freed
+                              whenever it is empty and no command runs (idle sessions
+                              hold no input buffer) */
+    size_t inlen, incap;
     struct imap_command uidcmd; /* UID <cmd>: args shifted by one */
     char uidname[16];
 };
@@ -195,6 +197,33 @@ static void consume(struct imap_priv *ps, size_t n)
         memmove(ps->inbuf, ps->inbuf + n, ps->inlen - n);
         ps->inlen -= n;
     }
+}
+
+/* Make room for `need` bytes of input (need <= INBUF_MAX). 0 or -1. */
+static int inbuf_reserve(struct imap_priv *ps, size_t need)
+{
+    if (need <= ps->incap) return 0;
+    size_t cap = ps->incap ? ps->incap : 1024;
+    while (cap < need)
+        cap *= 2;
+    if (cap > INBUF_MAX) cap = INBUF_MAX;
+    char *nb = realloc(ps->inbuf, cap);
+    if (nb == NULL) return -1;
+    ps->inbuf = nb;
+    ps->incap = cap;
+    return 0;
+}
+
+/* Between commands with nothing buffered: give back the input buffer and
+ * the parser's per-command memory, so an idle session costs little. */
+static void compact_idle(struct imap_session *s)
+{
+    struct imap_priv *ps = PRIV(s);
+    if (s->busy || s->idling || s->authenticating || ps->inlen != 0) return;
+    free(ps->inbuf);
+    ps->inbuf = NULL;
+    ps->incap = 0;
+    if (s->parser != NULL) imap_parser_compact(s->parser);
 }
 
 static uint64_t bad_limit(const struct imap_session *s)
@@ -339,6 +368,10 @@ static size_t on_read(struct cf_conn *c, void *data, const char *buf, size_t len
         size_t room = INBUF_MAX - ps->inlen;
         size_t n = len - total < room ? len - total : room;
         if (n == 0) break;
+        if (inbuf_reserve(ps, ps->inlen + n) < 0) {
+            cf_conn_close(s->conn, 0, "out of memory");
+            return len;
+        }
         memcpy(ps->inbuf + ps->inlen, buf + total, n);
         ps->inlen += n;
         total += n;
@@ -367,9 +400,8 @@ void imap_accept(struct node *n, uv_stream_t *server, int implicit_tls)
     s->node = n;
     uv_timer_init(n->loop, &ps->keepalive);
     ps->keepalive.data = ps;
-    ps->inbuf = malloc(INBUF_MAX);
     s->parser = imap_parser_create(&preauth_limits);
-    if (ps->inbuf == NULL || s->parser == NULL) goto fail;
+    if (s->parser == NULL) goto fail;
     SSL_CTX *ctx = implicit_tls == LISTEN_PROXY ? n->proxy_tls : implicit_tls ? n->tls : NULL;
     if (implicit_tls && ctx == NULL) {
         cf_error("imap: implicit TLS listener without a TLS context");
@@ -1454,7 +1486,7 @@ static void process_input(struct imap_session *s)
         struct imap_command *cmd = NULL;
         const char *err = NULL;
         enum imap_parse_result r =
-            imap_parser_feed(s->parser, ps->inbuf, ps->inlen, &used, &cmd, &err);
+            imap_parser_feed(s->parser, ps->inbuf ? ps->inbuf : "", ps->inlen, &used, &cmd, &err);
         consume(ps, used);
         if (r == IMAP_PARSE_NEED_MORE) break;
         if (used == 0 && r != IMAP_PARSE_COMMAND && r != IMAP_PARSE_LITERAL) {
@@ -1484,5 +1516,6 @@ static void process_input(struct imap_session *s)
         }
     }
     ps->in_loop = 0;
+    compact_idle(s);
     update_read(s);
 }

@@ -4,7 +4,9 @@
  * chunks. Every literal up to 64 bytes is accepted, bigger ones rejected.
  * Invariants: used <= len, NEED_MORE consumes the whole chunk, no endless
  * zero-progress loop, command trees are well formed, canonical mUTF-7
- * round-trips exactly, sequence sets come back sorted and merged.
+ * round-trips exactly, sequence sets come back sorted and merged; the
+ * literal info's args are well formed; imap_parser_compact() may be called
+ * between any two feeds.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -137,6 +139,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case IMAP_PARSE_LITERAL: {
             const struct imap_literal_info *li = imap_parser_literal(p);
             CHECK(li != NULL);
+            CHECK(li->arg_index <= li->n_args);
+            CHECK(li->n_args == 0 || li->args != NULL);
+            walk(li->args, li->n_args, 0);
             if (li->size <= 64 || (seed & 0x100))
                 imap_parser_literal_accept(p, 64);
             else
@@ -146,6 +151,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         default:
             abort();
         }
+        /* between commands the session gives the parser's memory back; it
+         * must be harmless at any point (a no-op mid-command) */
+        if ((seed & 0x3000) == 0x3000 && r != IMAP_PARSE_LITERAL) imap_parser_compact(p);
     }
     imap_parser_destroy(&p);
     CHECK(p == NULL);

@@ -293,6 +293,126 @@ static void test_literal_reject(void)
     imap_parser_destroy(&p);
 }
 
+/* The literal info carries the top-level args parsed so far (for APPEND's
+ * TRYCREATE check before "+"). */
+static void test_literal_args(void)
+{
+    struct imap_parser *p = imap_parser_create(NULL);
+    size_t used;
+    struct imap_command *cmd;
+    const char *err;
+    const char in1[] = "a1 APPEND \"Box 1\" (\\Seen) {5}\r\n";
+    CU_ASSERT_EQUAL(imap_parser_feed(p, in1, sizeof(in1) - 1, &used, &cmd, &err),
+                    IMAP_PARSE_LITERAL);
+    const struct imap_literal_info *li = imap_parser_literal(p);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(li);
+    CU_ASSERT_EQUAL(li->n_args, 2);
+    CU_ASSERT_EQUAL(li->arg_index, 2);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(li->args);
+    CU_ASSERT_EQUAL(li->args[0].type, IMAP_ARG_QUOTED);
+    CU_ASSERT_EQUAL(li->args[0].len, 5);
+    CU_ASSERT_NSTRING_EQUAL(li->args[0].str, "Box 1", 5);
+    CU_ASSERT_EQUAL(li->args[1].type, IMAP_ARG_LIST);
+    CU_ASSERT_EQUAL(li->args[1].n_list, 1);
+    imap_parser_literal_reject(p);
+
+    /* mailbox name as a literal, then the message literal */
+    const char in2[] = "a2 APPEND {3}\r\n";
+    CU_ASSERT_EQUAL(imap_parser_feed(p, in2, sizeof(in2) - 1, &used, &cmd, &err),
+                    IMAP_PARSE_LITERAL);
+    li = imap_parser_literal(p);
+    CU_ASSERT_EQUAL(li->n_args, 0);
+    CU_ASSERT_EQUAL(li->arg_index, 0);
+    imap_parser_literal_accept(p, 0);
+    const char in3[] = "Box {4}\r\n";
+    CU_ASSERT_EQUAL(imap_parser_feed(p, in3, sizeof(in3) - 1, &used, &cmd, &err),
+                    IMAP_PARSE_LITERAL);
+    li = imap_parser_literal(p);
+    CU_ASSERT_EQUAL(li->n_args, 1);
+    CU_ASSERT_EQUAL(li->arg_index, 1);
+    CU_ASSERT_EQUAL(li->args[0].type, IMAP_ARG_LITERAL);
+    CU_ASSERT_NSTRING_EQUAL(li->args[0].str, "Box", 3);
+    imap_parser_literal_accept(p, 0);
+    CU_ASSERT_EQUAL(imap_parser_feed(p, "abcd\r\n", 6, &used, &cmd, &err), IMAP_PARSE_COMMAND);
+    CU_ASSERT_EQUAL(cmd->n_args, 2);
+
+    /* a literal inside a list: arg_index names the (unfinished) list */
+    const char in4[] = "a3 X (a {2}\r\n";
+    CU_ASSERT_EQUAL(imap_parser_feed(p, in4, sizeof(in4) - 1, &used, &cmd, &err),
+                    IMAP_PARSE_LITERAL);
+    li = imap_parser_literal(p);
+    CU_ASSERT_EQUAL(li->n_args, 1);
+    CU_ASSERT_EQUAL(li->arg_index, 0);
+    imap_parser_destroy(&p);
+}
+
+/* A segment that fills max_line exactly, then a literal, then more text:
+ * the over-limit path must not read past the input (fuzz regression). */
+static void test_line_limit_after_literal(void)
+{
+    struct imap_parser_limits lim = {20, 0, 0, 0};
+    struct imap_parser *p = imap_parser_create(&lim);
+    size_t used;
+    struct imap_command *cmd;
+    const char *err;
+    const char in1[] = "a1 X 12345678901 {1}\n"; /* 20 bytes of text: at the limit */
+    CU_ASSERT_EQUAL(imap_parser_feed(p, in1, sizeof(in1) - 1, &used, &cmd, &err),
+                    IMAP_PARSE_LITERAL);
+    imap_parser_literal_accept(p, 0);
+    char *rest = malloc(5); /* exact size, so ASan sees any over-read */
+    memcpy(rest, "z abc", 5);
+    enum imap_parse_result r = imap_parser_feed(p, rest, 5, &used, &cmd, &err);
+    CU_ASSERT_EQUAL(r, IMAP_PARSE_ERROR);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(cmd);
+    CU_ASSERT_STRING_EQUAL(cmd->tag, "a1");
+    CU_ASSERT_STRING_EQUAL(err, "line too long");
+    free(rest);
+    char *got = drive(p, "\r\na2 NOOP\r\n", 11, 1, 0);
+    CU_ASSERT_STRING_EQUAL(got, "CMD[a2 NOOP]\n");
+    free(got);
+    imap_parser_destroy(&p);
+}
+
+/* compact() frees the last command's memory between commands and is a
+ * no-op in the middle of one. */
+static void test_compact(void)
+{
+    struct imap_parser *p = imap_parser_create(NULL);
+    size_t used;
+    struct imap_command *cmd;
+    const char *err;
+    imap_parser_compact(p); /* fresh parser */
+    CU_ASSERT_EQUAL(imap_parser_feed(p, "c1 NOOP\r\n", 9, &used, &cmd, &err), IMAP_PARSE_COMMAND);
+    imap_parser_compact(p);
+    /* partial line: kept across compact */
+    CU_ASSERT_EQUAL(imap_parser_feed(p, "c2 SEL", 6, &used, &cmd, &err), IMAP_PARSE_NEED_MORE);
+    imap_parser_compact(p);
+    CU_ASSERT_EQUAL(imap_parser_feed(p, "ECT x\r\n", 7, &used, &cmd, &err), IMAP_PARSE_COMMAND);
+    CU_ASSERT_STRING_EQUAL(cmd->name, "SELECT");
+    CU_ASSERT_EQUAL(cmd->n_args, 1);
+    imap_parser_compact(p);
+    /* inside a command continued after a literal */
+    CU_ASSERT_EQUAL(imap_parser_feed(p, "c3 LOGIN {1}\r\n", 14, &used, &cmd, &err),
+                    IMAP_PARSE_LITERAL);
+    imap_parser_compact(p);
+    imap_parser_literal_accept(p, 0);
+    CU_ASSERT_EQUAL(imap_parser_feed(p, "u", 1, &used, &cmd, &err), IMAP_PARSE_NEED_MORE);
+    imap_parser_compact(p);
+    CU_ASSERT_EQUAL(imap_parser_feed(p, " pw\r\n", 5, &used, &cmd, &err), IMAP_PARSE_COMMAND);
+    CU_ASSERT_EQUAL(cmd->n_args, 2);
+    CU_ASSERT_NSTRING_EQUAL(cmd->args[0].str, "u", 1);
+    CU_ASSERT_STRING_EQUAL(cmd->args[1].str, "pw");
+    imap_parser_compact(p);
+    /* read_line mode (IDLE's DONE), then commands again */
+    const char *line;
+    size_t llen;
+    CU_ASSERT_EQUAL(imap_parser_read_line(p, "DONE\r\n", 6, &used, &line, &llen), 1);
+    imap_parser_compact(p);
+    CU_ASSERT_EQUAL(imap_parser_feed(p, "c4 NOOP\r\n", 9, &used, &cmd, &err), IMAP_PARSE_COMMAND);
+    CU_ASSERT_STRING_EQUAL(cmd->tag, "c4");
+    imap_parser_destroy(&p);
+}
+
 /* ---- errors and recovery -------------------------------------------- */
 
 static void test_line_too_long(void)
@@ -586,6 +706,9 @@ int main(void)
     CU_add_test(s, "LITERAL+", test_literal_plus);
     CU_add_test(s, "literal too big", test_literal_too_big);
     CU_add_test(s, "literal reject", test_literal_reject);
+    CU_add_test(s, "literal info args", test_literal_args);
+    CU_add_test(s, "compact", test_compact);
+    CU_add_test(s, "line limit after literal", test_line_limit_after_literal);
     CU_add_test(s, "line too long", test_line_too_long);
     CU_add_test(s, "garbage", test_garbage);
     CU_add_test(s, "parens", test_parens);
