@@ -13,9 +13,15 @@
  * - Output: a queue of chunks (copied, or borrowed slices sharing one
  *   release reference). Plaintext: whole chunks move into a uv_write request
  *   and are released in its callback. TLS: chunks are fed to SSL_write
- *   (which copies into the write BIO) and released at once; the write BIO is
- *   drained into uv_write requests. Either way at most OUT_INFLIGHT bytes
- *   are handed to uv_write at a time (TLS: plus BIO contents).
+ *   (which copies into the write BIO) and released at once; the write BIO's
+ *   buffer itself is handed to uv_write (no copy) and the BIO starts a new
+ *   one. Either way at most OUT_INFLIGHT bytes are handed to uv_write at a
+ *   time (TLS: plus BIO contents).
+ * - Idle memory: in_buf exists only while it holds unconsumed input; the
+ *   read BIO's buffer is freed once OpenSSL has consumed it; SSL_read goes
+ *   through a per-thread scratch buffer when in_buf has no room for a whole
+ *   record; client-only fields live in a separate allocation; the close
+ *   reason is allocated at close.
  */
 #include "cf_conn.h"
 
@@ -42,6 +48,8 @@
 #define TLS_READ_STEP (16u * 1024) /* SSL_read granularity */
 #define CLOSE_FLUSH_MS 10000       /* graceful close cap */
 #define MAX_UNCONSUMED_DEFAULT (64u * 1024)
+#define TLS_FLUSH_AT (64u * 1024) /* ciphertext handed to uv_write at this size */
+#define IN_SHRINK_MIN (4u * 1024) /* in_buf granularity when shrunk */
 
 enum conn_tls { TLS_NONE, TLS_HANDSHAKE, TLS_UP };
 enum conn_state { ST_OPEN, ST_FLUSHING, ST_CLOSED };
@@ -70,6 +78,17 @@ struct write_req {
     char *tls_buf;            /* TLS: ciphertext owned by the request */
 };
 
+/* Client side only (cf_conn_connect), allocated with the conn. */
+struct conn_client {
+    uv_getaddrinfo_t gai;
+    uv_connect_t req;
+    SSL_CTX *ctx;
+    SSL_SESSION *session; /* to resume (cf_conn_set_session), referenced */
+    int port;
+    const char *sni; /* NULL: verify host; else points into name[] */
+    char name[];     /* host '\0' [sni '\0'] */
+};
+
 struct cf_conn {
     uv_loop_t *loop;
     uv_tcp_t tcp;
@@ -77,19 +96,14 @@ struct cf_conn {
     uv_idle_t kick;
     int open_handles;
     int gai_pending;
-    uv_getaddrinfo_t gai;
-    uv_connect_t connect_req;
 
     const struct cf_conn_ops *ops;
     void *data;
-    char peer[64];
+    char peer[INET6_ADDRSTRLEN];
     int peer_port;
     int is_client;
     int connected;
-    char host[256]; /* client: host for verification */
-    char sni[256];
-    int port;
-    SSL_CTX *client_ctx;
+    struct conn_client *cl; /* NULL on accepted conns */
 
     /* TLS */
     SSL *ssl;
@@ -119,8 +133,10 @@ struct cf_conn {
     enum conn_state state;
     int close_called, silent;
     uint64_t idle_ms;
-    char reason[256];
+    char *reason; /* set when closing (NULL: out of memory) */
 };
+
+#define REASON_MAX 256 /* longer close reasons are cut */
 
 static void conn_kick(struct cf_conn *c);
 static void conn_pump(struct cf_conn *c);
@@ -176,10 +192,13 @@ static void conn_set_reason(struct cf_conn *c, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 static void conn_set_reason(struct cf_conn *c, const char *fmt, ...)
 {
+    char buf[REASON_MAX];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(c->reason, sizeof(c->reason), fmt, ap);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
     va_end(ap);
+    free(c->reason);
+    c->reason = strdup(buf);
 }
 
 static void conn_free(struct cf_conn *c)
@@ -187,7 +206,10 @@ static void conn_free(struct cf_conn *c)
     chunk_list_free(c->out_head);
     SSL_free(c->ssl);
     SSL_free(c->pending_ssl);
+    if (c->cl != NULL) SSL_SESSION_free(c->cl->session);
+    free(c->cl);
     free(c->in_buf);
+    free(c->reason);
     free(c);
 }
 
@@ -196,7 +218,8 @@ static void conn_maybe_free(struct cf_conn *c)
     if (c->open_handles > 0 || c->gai_pending) return;
     if (!c->silent && !c->close_called) {
         c->close_called = 1;
-        if (c->ops->on_close != NULL) c->ops->on_close(c, c->data, c->reason);
+        if (c->ops->on_close != NULL)
+            c->ops->on_close(c, c->data, c->reason != NULL ? c->reason : "closed (out of memory)");
     }
     conn_free(c);
 }
@@ -214,7 +237,7 @@ static void conn_finalize(struct cf_conn *c)
     if (c->state == ST_CLOSED) return;
     c->state = ST_CLOSED;
     c->reading = 0;
-    if (c->gai_pending) uv_cancel((uv_req_t *)&c->gai);
+    if (c->gai_pending) uv_cancel((uv_req_t *)&c->cl->gai);
     uv_close((uv_handle_t *)&c->tcp, handle_closed_cb);
     uv_close((uv_handle_t *)&c->timer, handle_closed_cb);
     uv_close((uv_handle_t *)&c->kick, handle_closed_cb);
@@ -279,7 +302,8 @@ static int conn_tls_attach(struct cf_conn *c, SSL *ssl)
     return 0;
 }
 
-static void conn_ssl_reason(struct cf_conn *c, const char *prefix)
+/* Describe a TLS failure into buf (REASON_MAX bytes). */
+static void conn_ssl_reason(struct cf_conn *c, const char *prefix, char *buf)
 {
     char ebuf[200];
     long vr;
@@ -287,19 +311,58 @@ static void conn_ssl_reason(struct cf_conn *c, const char *prefix)
     if (c->ssl != NULL && (SSL_get_verify_mode(c->ssl) & SSL_VERIFY_PEER) != 0 &&
         (vr = SSL_get_verify_result(c->ssl)) != X509_V_OK) {
         ERR_clear_error();
-        conn_set_reason(c, "%s: certificate verify failed: %s", prefix,
-                        X509_verify_cert_error_string(vr));
+        snprintf(buf, REASON_MAX, "%s: certificate verify failed: %s", prefix,
+                 X509_verify_cert_error_string(vr));
         return;
     }
     if (ERR_peek_error() == 0) {
-        conn_set_reason(c, "%s: connection reset or protocol error", prefix);
+        snprintf(buf, REASON_MAX, "%s: connection reset or protocol error", prefix);
         return;
     }
     cf_tls_errstr(ebuf, sizeof(ebuf));
-    conn_set_reason(c, "%s: %s", prefix, ebuf);
+    snprintf(buf, REASON_MAX, "%s: %s", prefix, ebuf);
 }
 
 static void write_cb(uv_write_t *req, int status);
+
+/* Memory BIOs keep their buffer (grown to the largest amount ever held)
+ * for their whole life: 16 KiB and more per idle TLS conn. These two
+ * helpers give it back. */
+
+/* Take every byte a memory BIO holds: returns its buffer (free it with
+ * OPENSSL_free; its length in *len_r) and leaves the BIO empty without a
+ * buffer. NULL when the BIO is empty. The BIO is only ever written by
+ * OpenSSL, never read, so its data starts at the buffer's start. */
+static char *mem_bio_take(BIO *b, size_t *len_r)
+{
+    BUF_MEM *bm = NULL;
+    char *data;
+
+    if (BIO_get_mem_ptr(b, &bm) != 1 || bm == NULL || bm->length == 0 || bm->data == NULL)
+        return NULL;
+    data = bm->data;
+    *len_r = bm->length;
+    bm->data = NULL;
+    bm->length = bm->max = 0;
+    /* re-install the (now empty) BUF_MEM: resets the BIO's read view */
+    (void)BIO_set_close(b, BIO_NOCLOSE);
+    (void)BIO_set_mem_buf(b, bm, BIO_CLOSE);
+    return data;
+}
+
+/* Free a memory BIO's buffer once everything in it has been read. */
+static void mem_bio_release(BIO *b)
+{
+    BUF_MEM *bm = NULL;
+
+    if (b == NULL || BIO_ctrl_pending(b) != 0) return;
+    if (BIO_get_mem_ptr(b, &bm) != 1 || bm == NULL || bm->data == NULL) return;
+    OPENSSL_free(bm->data);
+    bm->data = NULL;
+    bm->length = bm->max = 0;
+    (void)BIO_set_close(b, BIO_NOCLOSE);
+    (void)BIO_set_mem_buf(b, bm, BIO_CLOSE);
+}
 
 /* Move ciphertext from the write BIO into a uv_write. Returns 0 or -1
  * (conn closed). */
@@ -313,15 +376,13 @@ static int conn_flush_wbio(struct cf_conn *c)
 
         if (n == 0) return 0;
         wr = calloc(1, sizeof(*wr));
-        if (wr != NULL) wr->tls_buf = malloc(n);
-        if (wr == NULL || wr->tls_buf == NULL) {
-            if (wr) free(wr);
+        if (wr == NULL) {
             conn_set_reason(c, "out of memory");
             conn_finalize(c);
             return -1;
         }
-        if (BIO_read(c->wbio, wr->tls_buf, (int)n) != (int)n) {
-            free(wr->tls_buf);
+        wr->tls_buf = mem_bio_take(c->wbio, &n);
+        if (wr->tls_buf == NULL) {
             free(wr);
             conn_set_reason(c, "tls internal error");
             conn_finalize(c);
@@ -332,7 +393,7 @@ static int conn_flush_wbio(struct cf_conn *c)
         b = uv_buf_init(wr->tls_buf, (unsigned)n);
         rv = uv_write(&wr->req, (uv_stream_t *)&c->tcp, &b, 1, write_cb);
         if (rv != 0) {
-            free(wr->tls_buf);
+            OPENSSL_free(wr->tls_buf);
             free(wr);
             conn_set_reason(c, "write error: %s", uv_strerror(rv));
             conn_finalize(c);
@@ -356,6 +417,14 @@ static int conn_handshake(struct cf_conn *c)
     if (r == 1) {
         c->tls = TLS_UP;
         if (conn_flush_wbio(c) < 0) return -1;
+        if (c->state == ST_FLUSHING) {
+            /* closing: the handshake only had to finish for the queued
+             * output; no more session callbacks but on_close */
+            conn_update_reading(c);
+            c->pump_pending = 1;
+            conn_kick(c);
+            return -1;
+        }
         if (c->ops->on_tls_ready != NULL) c->ops->on_tls_ready(c, c->data);
         if (c->state != ST_OPEN) return -1;
         c->pump_pending = 1;
@@ -368,12 +437,17 @@ static int conn_handshake(struct cf_conn *c)
         if (conn_flush_wbio(c) < 0) return -1;
         return 0;
     default: {
-        char reason[sizeof(c->reason)];
-        conn_ssl_reason(c, "tls handshake failed");
-        snprintf(reason, sizeof(reason), "%s", c->reason);
+        char reason[REASON_MAX];
+        conn_ssl_reason(c, "tls handshake failed", reason);
         /* send the alert if there is one, then close; no SSL_shutdown */
         c->tls = TLS_NONE;
         if (conn_flush_wbio(c) < 0) return -1;
+        if (c->state == ST_FLUSHING) {
+            /* already closing (keeps its reason): give up the queued output */
+            conn_update_reading(c);
+            conn_check_flush_done(c);
+            return -1;
+        }
         cf_conn_close(c, 1, reason);
         return -1;
     }
@@ -391,6 +465,38 @@ static void alloc_cb(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     (void)h;
     (void)suggested;
     *buf = uv_buf_init(read_buf, READ_BUF_SIZE);
+}
+
+/* The input buffer exists only while it holds unconsumed bytes (an idle
+ * conn has none). */
+static void in_release(struct cf_conn *c)
+{
+    c->in_len = 0;
+    free(c->in_buf);
+    c->in_buf = NULL;
+    c->in_cap = 0;
+}
+
+/* Drop unconsumed input. Inside on_read the session may still be looking
+ * at in_buf: the buffer is then freed when conn_process_input returns. */
+static void in_discard(struct cf_conn *c)
+{
+    if (c->in_process)
+        c->in_len = 0;
+    else
+        in_release(c);
+}
+
+/* Leftover bytes (a session waiting for the rest of a line, or paused)
+ * keep a buffer their size, not the largest one ever needed. */
+static void in_shrink(struct cf_conn *c)
+{
+    size_t ncap = (c->in_len + IN_SHRINK_MIN - 1) / IN_SHRINK_MIN * IN_SHRINK_MIN;
+    char *nb = realloc(c->in_buf, ncap);
+
+    if (nb == NULL) return;
+    c->in_buf = nb;
+    c->in_cap = ncap;
 }
 
 static int in_reserve(struct cf_conn *c, size_t extra)
@@ -422,6 +528,16 @@ static void read_cb(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     struct cf_conn *c = s->data;
 
     if (nread == 0) return;
+    if (c->state == ST_FLUSHING && c->tls == TLS_HANDSHAKE) {
+        /* graceful close during the handshake: finish it, then flush */
+        if (nread < 0 || BIO_write(c->rbio, buf->base, (int)nread) != (int)nread) {
+            conn_finalize(c);
+            return;
+        }
+        conn_handshake(c);
+        if (c->state != ST_CLOSED) mem_bio_release(c->rbio);
+        return;
+    }
     if (c->state != ST_OPEN) return;
     if (nread < 0) {
         if (nread == UV_EOF) {
@@ -462,7 +578,8 @@ static void conn_update_reading(struct cf_conn *c)
     int want;
 
     if (c->state == ST_CLOSED) return;
-    want = c->state == ST_OPEN && c->connected && !c->eof && !c->starttls_pending;
+    want = (c->state == ST_OPEN || (c->state == ST_FLUSHING && c->tls == TLS_HANDSHAKE)) &&
+           c->connected && !c->eof && !c->starttls_pending;
     if (want && c->tls != TLS_HANDSHAKE) {
         if (c->user_paused || c->in_len >= c->max_unconsumed) want = 0;
     }
@@ -474,21 +591,30 @@ static void conn_update_reading(struct cf_conn *c)
     }
 }
 
+/* SSL_read target when in_buf has no room for a whole record: only the
+ * bytes actually decrypted are then copied into in_buf, so a short command
+ * does not cost a 16 KiB buffer. */
+static _Thread_local char tls_scratch[TLS_READ_STEP];
+
 /* Pull decrypted bytes into in_buf (up to max_unconsumed). Returns 0, or -1
  * when the conn is closing. */
 static int conn_tls_pull(struct cf_conn *c)
 {
     while (c->in_len < c->max_unconsumed) {
+        int direct = c->in_cap - c->in_len >= TLS_READ_STEP;
         size_t n = 0;
         int r;
 
-        if (in_reserve(c, TLS_READ_STEP) < 0) {
-            cf_conn_close(c, 0, "out of memory");
-            return -1;
-        }
         ERR_clear_error();
-        r = SSL_read_ex(c->ssl, c->in_buf + c->in_len, TLS_READ_STEP, &n);
+        r = SSL_read_ex(c->ssl, direct ? c->in_buf + c->in_len : tls_scratch, TLS_READ_STEP, &n);
         if (r == 1) {
+            if (!direct) {
+                if (in_reserve(c, n) < 0) {
+                    cf_conn_close(c, 0, "out of memory");
+                    return -1;
+                }
+                memcpy(c->in_buf + c->in_len, tls_scratch, n);
+            }
             c->in_len += n;
             continue;
         }
@@ -499,15 +625,13 @@ static int conn_tls_pull(struct cf_conn *c)
         case SSL_ERROR_ZERO_RETURN:
             c->eof = 1;
             return 0;
-        default:
-            conn_ssl_reason(c, "tls error");
+        default: {
+            char r2[REASON_MAX];
+            conn_ssl_reason(c, "tls error", r2);
             c->tls = TLS_NONE;
-            {
-                char r2[256];
-                snprintf(r2, sizeof(r2), "%s", c->reason);
-                cf_conn_close(c, 0, r2);
-            }
+            cf_conn_close(c, 0, r2);
             return -1;
+        }
         }
     }
     return 0;
@@ -553,12 +677,12 @@ static void conn_process_input(struct cf_conn *c)
             break;
     }
     c->in_process = 0;
-    if (c->in_len == 0 && c->in_cap > 2 * MAX_UNCONSUMED_DEFAULT) {
-        /* do not keep a large input buffer on an idle session */
-        free(c->in_buf);
-        c->in_buf = NULL;
-        c->in_cap = 0;
-    }
+    /* an idle conn keeps no input buffers */
+    if (c->in_len == 0)
+        in_release(c);
+    else if (c->in_cap >= 4 * IN_SHRINK_MIN && c->in_len <= c->in_cap / 4)
+        in_shrink(c);
+    if (c->rbio != NULL) mem_bio_release(c->rbio);
     if (c->state == ST_OPEN && c->eof && !c->user_paused) {
         cf_conn_close(c, 1, "peer closed");
         return;
@@ -594,6 +718,8 @@ static void conn_check_flush_done(struct cf_conn *c)
 {
     if (c->state != ST_FLUSHING) return;
     if (conn_can_send(c)) return;
+    /* output waits for the handshake (it still reads; the close cap bounds it) */
+    if (c->tls == TLS_HANDSHAKE && c->connected && c->out_head != NULL) return;
     if (c->writes_outstanding > 0) return;
     if (c->tls == TLS_UP && !c->shutdown_sent) {
         c->shutdown_sent = 1;
@@ -614,11 +740,17 @@ static void write_cb(uv_write_t *req, int status)
     c->inflight -= wr->bytes;
     c->writes_outstanding--;
     chunk_list_free(wr->chunks);
-    free(wr->tls_buf);
+    OPENSSL_free(wr->tls_buf);
     free(wr);
     if (c->state == ST_CLOSED) return;
     if (status < 0) {
         char r[128];
+        if (c->state == ST_FLUSHING) {
+            /* the peer is gone while we flush (typically our close_notify
+             * after it closed): nothing more can be delivered */
+            conn_finalize(c);
+            return;
+        }
         snprintf(r, sizeof(r), "write error: %s", uv_strerror(status));
         cf_conn_close(c, 0, r);
         return;
@@ -688,11 +820,10 @@ static int conn_pump_tls(struct cf_conn *c)
         if (r != 1) {
             int e = SSL_get_error(c->ssl, r);
             if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) break;
-            conn_ssl_reason(c, "tls write error");
-            c->tls = TLS_NONE;
             {
-                char r2[256];
-                snprintf(r2, sizeof(r2), "%s", c->reason);
+                char r2[REASON_MAX];
+                conn_ssl_reason(c, "tls write error", r2);
+                c->tls = TLS_NONE;
                 cf_conn_close(c, 0, r2);
             }
             return -1;
@@ -700,6 +831,9 @@ static int conn_pump_tls(struct cf_conn *c)
         ch->off += n;
         c->out_pending -= n;
         if (ch->off == ch->len) chunk_free(queue_pop(c));
+        /* hand over ciphertext in pieces: the write BIO's buffer grows by
+         * reallocation, a smaller one costs fewer copies */
+        if (BIO_ctrl_pending(c->wbio) >= TLS_FLUSH_AT && conn_flush_wbio(c) < 0) return -1;
     }
     return conn_flush_wbio(c);
 }
@@ -729,7 +863,7 @@ static void conn_pump(struct cf_conn *c)
                 return;
             }
             c->starttls_pending = 0;
-            c->in_len = 0;
+            in_discard(c);
             c->tls_gen++;
             if (c->is_client) {
                 conn_client_tls_setup(c);
@@ -875,6 +1009,20 @@ int cf_conn_write_ref(struct cf_conn *c, const void *buf, size_t len, void (*rel
     return 0;
 }
 
+static size_t mem_bio_cap(BIO *b)
+{
+    BUF_MEM *bm = NULL;
+    /* BIO_get_mem_ptr only moves unread bytes to the buffer's start */
+    if (b == NULL || BIO_get_mem_ptr(b, &bm) != 1 || bm == NULL) return 0;
+    return bm->max;
+}
+
+size_t cf_conn_buffer_bytes(const struct cf_conn *c)
+{
+    if (!c) return 0;
+    return c->in_cap + mem_bio_cap(c->rbio) + mem_bio_cap(c->wbio);
+}
+
 size_t cf_conn_out_pending(const struct cf_conn *c)
 {
     if (!c) return 0;
@@ -957,7 +1105,7 @@ int cf_conn_starttls(struct cf_conn *c, SSL_CTX *ssl_ctx)
     c->starttls_pending = 1;
     c->starttls_plain_bytes = c->out_pending;
     if (c->out_tail != NULL) c->out_tail->sealed = 1;
-    c->in_len = 0;
+    in_discard(c);
     c->deliver_pending = 0;
     conn_update_reading(c);
     c->pump_pending = 1;
@@ -971,7 +1119,9 @@ static void idle_timer_cb(uv_timer_t *t)
 
     if (c->state != ST_OPEN) return;
     if (c->ops->on_timeout != NULL) c->ops->on_timeout(c, c->data);
-    cf_conn_close(c, 1, "idle timeout");
+    /* a peer that stalled its handshake this long will not finish it now:
+     * do not wait for it to deliver the BYE */
+    cf_conn_close(c, c->tls != TLS_HANDSHAKE, "idle timeout");
 }
 
 void cf_conn_set_idle_timeout(struct cf_conn *c, uint64_t ms)
@@ -994,16 +1144,11 @@ void cf_conn_close(struct cf_conn *c, int graceful, const char *reason)
 {
     if (!c) return;
     if (c->state != ST_OPEN) return;
-    {
-        const char *r = reason ? reason : "closed";
-        size_t n = strnlen(r, sizeof(c->reason) - 1); /* long reasons are cut */
-        memcpy(c->reason, r, n);
-        c->reason[n] = '\0';
-    }
+    conn_set_reason(c, "%s", reason ? reason : "closed");
     c->state = ST_FLUSHING;
     uv_timer_stop(&c->timer);
     conn_update_reading(c);
-    c->in_len = 0;
+    in_discard(c);
     if (!graceful || !c->connected) {
         conn_finalize(c);
         return;
@@ -1095,17 +1240,51 @@ fail:
 /* Client TLS: connect state, SNI and the name/IP to verify. */
 static void conn_client_tls_setup(struct cf_conn *c)
 {
-    const char *vhost = c->sni[0] ? c->sni : c->host;
+    const char *vhost = c->cl->sni != NULL ? c->cl->sni : c->cl->name;
     unsigned char tmp[16];
     int is_ip = inet_pton(AF_INET, vhost, tmp) == 1 || inet_pton(AF_INET6, vhost, tmp) == 1;
 
     SSL_set_connect_state(c->ssl);
+    if (c->cl->session != NULL && SSL_set_session(c->ssl, c->cl->session) != 1) ERR_clear_error();
     if (is_ip) {
         X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), vhost);
     } else {
         SSL_set_tlsext_host_name(c->ssl, vhost);
         SSL_set1_host(c->ssl, vhost);
     }
+}
+
+int cf_conn_set_session(struct cf_conn *c, SSL_SESSION *sess)
+{
+    if (!c || c->cl == NULL || c->state != ST_OPEN) return -1;
+    if (c->ssl != NULL && (c->tls != TLS_HANDSHAKE || !SSL_in_before(c->ssl))) return -1;
+    if (sess != NULL && SSL_SESSION_up_ref(sess) != 1) return -1;
+    SSL_SESSION_free(c->cl->session);
+    c->cl->session = sess;
+    if (c->ssl != NULL && sess != NULL && SSL_set_session(c->ssl, sess) != 1) {
+        ERR_clear_error();
+        return -1;
+    }
+    return 0;
+}
+
+SSL_SESSION *cf_conn_get_session(struct cf_conn *c)
+{
+    SSL_SESSION *sess;
+
+    if (!c || c->cl == NULL || c->ssl == NULL || c->tls != TLS_UP) return NULL;
+    sess = SSL_get1_session(c->ssl);
+    if (sess != NULL && !SSL_SESSION_is_resumable(sess)) {
+        SSL_SESSION_free(sess);
+        return NULL;
+    }
+    return sess;
+}
+
+int cf_conn_session_reused(const struct cf_conn *c)
+{
+    if (!c || c->ssl == NULL || c->tls != TLS_UP) return 0;
+    return SSL_session_reused(c->ssl) == 1;
 }
 
 static void connect_cb(uv_connect_t *req, int status)
@@ -1122,8 +1301,8 @@ static void connect_cb(uv_connect_t *req, int status)
     c->connected = 1;
     uv_tcp_nodelay(&c->tcp, 1);
     conn_record_peer(c);
-    if (c->client_ctx != NULL) {
-        SSL *ssl = SSL_new(c->client_ctx);
+    if (c->cl->ctx != NULL) {
+        SSL *ssl = SSL_new(c->cl->ctx);
         if (ssl == NULL || conn_tls_attach(c, ssl) < 0) {
             SSL_free(ssl);
             cf_conn_close(c, 0, "out of memory");
@@ -1146,8 +1325,8 @@ static void conn_start_connect(struct cf_conn *c, const struct sockaddr *sa)
 {
     int rv;
 
-    c->connect_req.data = c;
-    rv = uv_tcp_connect(&c->connect_req, &c->tcp, sa, connect_cb);
+    c->cl->req.data = c;
+    rv = uv_tcp_connect(&c->cl->req, &c->tcp, sa, connect_cb);
     if (rv != 0) {
         char r[160];
         snprintf(r, sizeof(r), "connect failed: %s", uv_strerror(rv));
@@ -1167,16 +1346,16 @@ static void gai_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     }
     if (status < 0 || res == NULL) {
         char r[300];
-        snprintf(r, sizeof(r), "connect failed: cannot resolve %s: %s", c->host,
+        snprintf(r, sizeof(r), "connect failed: cannot resolve %s: %s", c->cl->name,
                  uv_strerror(status));
         uv_freeaddrinfo(res);
         cf_conn_close(c, 0, r);
         return;
     }
     if (res->ai_family == AF_INET)
-        ((struct sockaddr_in *)res->ai_addr)->sin_port = htons((uint16_t)c->port);
+        ((struct sockaddr_in *)res->ai_addr)->sin_port = htons((uint16_t)c->cl->port);
     else if (res->ai_family == AF_INET6)
-        ((struct sockaddr_in6 *)res->ai_addr)->sin6_port = htons((uint16_t)c->port);
+        ((struct sockaddr_in6 *)res->ai_addr)->sin6_port = htons((uint16_t)c->cl->port);
     conn_start_connect(c, res->ai_addr);
     uv_freeaddrinfo(res);
 }
@@ -1225,30 +1404,42 @@ struct cf_conn *cf_conn_connect(uv_loop_t *loop, const char *host_port, SSL_CTX 
         struct sockaddr_in sin;
         struct sockaddr_in6 sin6;
     } addr;
-    char portstr[8];
+    char portstr[8], host[256];
     struct addrinfo hints;
+    struct conn_client *cl;
+    size_t hl, sl;
+    int port;
 
+    if (cf_parse_host_port(host_port, host, sizeof(host), &port) < 0) return NULL;
+    hl = strlen(host);
+    sl = sni != NULL ? strnlen(sni, 255) : 0;
+    cl = calloc(1, sizeof(*cl) + hl + 1 + (sni != NULL ? sl + 1 : 0));
+    if (cl == NULL) return NULL;
+    memcpy(cl->name, host, hl + 1);
+    if (sni != NULL) {
+        memcpy(cl->name + hl + 1, sni, sl);
+        cl->name[hl + 1 + sl] = '\0';
+        cl->sni = cl->name + hl + 1;
+    }
+    cl->port = port;
+    cl->ctx = client_ctx;
     c = conn_new(loop, ops, data);
-    if (c == NULL) return NULL;
-    c->is_client = 1;
-    c->client_ctx = client_ctx;
-    if (cf_parse_host_port(host_port, c->host, sizeof(c->host), &c->port) < 0) {
-        c->silent = 1;
-        conn_finalize(c);
+    if (c == NULL) {
+        free(cl);
         return NULL;
     }
-    if (sni != NULL) snprintf(c->sni, sizeof(c->sni), "%s", sni);
-    if (uv_ip4_addr(c->host, c->port, &addr.sin) == 0 ||
-        uv_ip6_addr(c->host, c->port, &addr.sin6) == 0) {
+    c->is_client = 1;
+    c->cl = cl;
+    if (uv_ip4_addr(host, port, &addr.sin) == 0 || uv_ip6_addr(host, port, &addr.sin6) == 0) {
         conn_start_connect(c, &addr.sa);
         return c;
     }
     memset(&hints, 0, sizeof(hints));
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
-    snprintf(portstr, sizeof(portstr), "%d", c->port);
-    c->gai.data = c;
-    if (uv_getaddrinfo(loop, &c->gai, gai_cb, c->host, portstr, &hints) != 0) {
+    snprintf(portstr, sizeof(portstr), "%d", port);
+    cl->gai.data = c;
+    if (uv_getaddrinfo(loop, &cl->gai, gai_cb, cl->name, portstr, &hints) != 0) {
         c->silent = 1;
         conn_finalize(c);
         return NULL;

@@ -35,9 +35,17 @@
  * return -1), so a session whose connection went away during an asynchronous
  * wait can still run its completion path.
  *
+ * Memory: an idle conn (nothing unconsumed, nothing queued) holds no
+ * buffers: the input buffer exists only while it holds unconsumed bytes,
+ * TLS ciphertext buffers are handed to the kernel or freed once drained,
+ * and OpenSSL's record buffers are released (SSL_MODE_RELEASE_BUFFERS, set
+ * by cf_tls). What remains is the conn itself and, with TLS, OpenSSL's
+ * per-connection state (about 10 KiB with OpenSSL 3.0).
+ *
  * Timeouts: cf_conn_set_idle_timeout(ms) closes the connection (reason
  * "idle timeout", on_timeout called first so the session can write a BYE)
- * when no input arrived for ms; 0 disables.
+ * when no input arrived for ms; 0 disables. During a TLS handshake the
+ * close is immediate (the BYE is dropped: the peer stalled the handshake).
  */
 #ifndef CF_CONN_H
 #define CF_CONN_H
@@ -97,6 +105,11 @@ int cf_conn_is_tls(const struct cf_conn *c);
  * Borrowed; valid while the conn lives. */
 X509 *cf_conn_peer_cert(const struct cf_conn *c);
 
+/* Bytes of buffer memory the conn holds for input and TLS ciphertext (input
+ * buffer capacity plus the memory BIOs' buffers; not the output queue, see
+ * cf_conn_out_pending). 0 on an idle conn. For tests and statistics. */
+size_t cf_conn_buffer_bytes(const struct cf_conn *c);
+
 /* Queue a copy of buf. Returns 0, or -1 if the conn is closing (bytes dropped). */
 int cf_conn_write(struct cf_conn *c, const void *buf, size_t len);
 /* printf-style write (formats into a temporary; at most 64 KiB). */
@@ -126,7 +139,13 @@ int cf_conn_starttls(struct cf_conn *c, SSL_CTX *ssl_ctx);
 
 void cf_conn_set_idle_timeout(struct cf_conn *c, uint64_t ms);
 
-/* Close. graceful=1 flushes queued output first (bounded by 10 s). */
+/* Close. graceful=1 flushes queued output first (bounded by 10 s). If the
+ * TLS handshake (implicit TLS, after STARTTLS, or client side) is still
+ * running and output is queued, the conn keeps reading until the handshake
+ * is done, sends the output, then closes (within the same 10 s; no
+ * on_tls_ready nor on_read is called after the close); with nothing queued
+ * it closes at once. Output queued after cf_conn_starttls is dropped when
+ * the close comes before the plaintext before it was flushed. */
 void cf_conn_close(struct cf_conn *c, int graceful, const char *reason);
 int cf_conn_is_closing(const struct cf_conn *c);
 
@@ -140,6 +159,28 @@ int cf_conn_is_closing(const struct cf_conn *c);
  * "tls handshake failed: ..."). */
 struct cf_conn *cf_conn_connect(uv_loop_t *loop, const char *host_port, SSL_CTX *client_ctx,
                                 const char *sni, const struct cf_conn_ops *ops, void *data);
+
+/* Client TLS session resumption (cf_conn_connect conns only).
+ *
+ * cf_conn_set_session: offer `sess` (from cf_conn_get_session of an earlier
+ * connection to the same server, same client context) in this conn's
+ * handshake. Call it before the handshake starts: right after
+ * cf_conn_connect, from on_connected, or before a client cf_conn_starttls.
+ * The conn takes its own reference (the caller keeps its own); NULL forgets
+ * a session set before. A session the server does not accept costs nothing
+ * but the full handshake that would have happened anyway. Returns 0, or -1
+ * (not a client conn, handshake already started, closing).
+ *
+ * cf_conn_get_session: the established connection's session, with a
+ * reference the caller owns (SSL_SESSION_free), or NULL when TLS is not up
+ * or the session cannot be resumed (TLS 1.3: no ticket received yet; the
+ * server sends them right after the handshake, so ask once the server's
+ * first reply has been read).
+ *
+ * cf_conn_session_reused: 1 when this conn's handshake resumed a session. */
+int cf_conn_set_session(struct cf_conn *c, SSL_SESSION *sess);
+SSL_SESSION *cf_conn_get_session(struct cf_conn *c);
+int cf_conn_session_reused(const struct cf_conn *c);
 
 /* Split "host:port", "[v6]:port" or "*:port" into host (brackets removed;
  * "*" becomes "0.0.0.0") and port. Returns 0 or -1. */

@@ -74,6 +74,8 @@ static const struct key keys[] = {
      "how long a leader found by probing is used without asking again"},
     {"backend", "retry_interval", K_MS, "200ms", 10, 60000, O(be_retry_ms),
      "pause between rounds of probing when no node is the leader"},
+    {"backend", "tls_resume", K_BOOL, "yes", NOLIM, O(be_tls_resume),
+     "resume TLS sessions to the stores (one ticket kept per node; no full handshake per login)"},
     {"auth", "allow_plaintext", K_BOOL, "no", NOLIM, O(allow_plaintext),
      "allow LOGIN/AUTHENTICATE/USER/PASS without TLS from auth.plaintext_networks"},
     {"auth", "plaintext_networks", K_STR, "", NOLIM, 0,

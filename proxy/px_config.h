@@ -44,6 +44,7 @@ struct px_conf {
 
     const char *be_ca, *be_cert, *be_key, *be_tls_name;
     uint64_t be_connect_timeout_ms, be_login_timeout_ms, be_route_cache_ms, be_retry_ms;
+    int be_tls_resume;
     struct px_node_conf *nodes;
     size_t n_nodes;
 

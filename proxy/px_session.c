@@ -91,7 +91,7 @@ struct px_session {
     char peer[64];
     int peer_port;
     int kind, proto, state, holds;
-    unsigned counted : 1, client_paused : 1, backend_paused : 1, listed : 1, refuse_on_tls : 1;
+    unsigned counted : 1, client_paused : 1, backend_paused : 1, listed : 1;
     struct downstream ds;
     char user[64]; /* for log lines after login */
     char node[PX_ROUTE_ADDR_MAX];
@@ -503,6 +503,14 @@ static int be_line(struct px_session *s, const char *line, size_t len, size_t fu
                                      : (len >= 3 && strncmp(line, "+OK", 3) == 0);
         if (ok) {
             px_route_leader(s->srv->router, s->proto, lg->cur, now_ms(s));
+            if (sconf(s)->be_tls_resume) {
+                /* the store's ticket came before its greeting: keep the
+                 * newest session for the next login to this node */
+                SSL_SESSION *sess = cf_conn_get_session(s->backend);
+                if (sess != NULL) px_tls_backend_session_put(s->tls, lg->cur, sess);
+                cf_debug("%s %s: store %s: TLS session %s", proto_name(s), s->peer, lg->cur,
+                         cf_conn_session_reused(s->backend) ? "resumed" : "new");
+            }
             be_send_login(s);
             return 0;
         }
@@ -641,6 +649,8 @@ static void be_on_close(struct cf_conn *c, void *data, const char *reason)
         if (s->state == ST_LOGIN && s->pa && s->pa->login) {
             cf_info("%s %s: store %s: %s", proto_name(s), s->peer, s->pa->login->cur, reason);
             px_route_down(s->srv->router, s->proto, s->pa->login->cur, now_ms(s));
+            /* whatever failed, the next login there starts with a full handshake */
+            px_tls_backend_session_put(s->tls, s->pa->login->cur, NULL);
             be_try_next(s);
         } else if (s->state == ST_SPLICE) {
             cf_info("%s %s: user \"%s\": store %s closed (%s); %llu bytes up, %llu down",
@@ -676,6 +686,10 @@ static void be_connect(struct px_session *s, const char *addr)
         return;
     }
     s->holds++;
+    if (sconf(s)->be_tls_resume) {
+        SSL_SESSION *sess = px_tls_backend_session(s->tls, addr);
+        if (sess != NULL) cf_conn_set_session(s->backend, sess);
+    }
     cf_conn_set_idle_timeout(s->backend, sconf(s)->be_connect_timeout_ms);
     cf_conn_set_max_unconsumed(s->backend, BACKEND_LINE_MAX + 2);
 }
@@ -1189,11 +1203,8 @@ static void cl_on_close(struct cf_conn *c, void *data, const char *reason)
     session_unref(s);
 }
 
-static void cl_on_tls_ready(struct cf_conn *c, void *data);
-
 static const struct cf_conn_ops client_ops = {
     .on_read = cl_on_read,
-    .on_tls_ready = cl_on_tls_ready,
     .on_drain = cl_on_drain,
     .on_timeout = cl_on_timeout,
     .on_close = cl_on_close,
@@ -1208,17 +1219,9 @@ static void refuse(struct px_session *s, const char *imap_text, const char *pop3
     else
         outf(s, "-ERR %s\r\n", pop3_text);
     s->state = ST_CLOSING;
-    cf_conn_set_idle_timeout(s->client, 10000);
-    if (s->kind == PX_L_IMAPS || s->kind == PX_L_POP3S)
-        s->refuse_on_tls = 1; /* the reply can only go out after the handshake */
-    else
-        cf_conn_close(s->client, 1, "refused");
-}
-
-static void cl_on_tls_ready(struct cf_conn *c, void *data)
-{
-    struct px_session *s = data;
-    if (s->refuse_on_tls) cf_conn_close(c, 1, "refused");
+    /* on implicit TLS the conn finishes the handshake first (within its
+     * close cap), so the reply still reaches the client */
+    cf_conn_close(s->client, 1, "refused");
 }
 
 void px_session_accept(struct px_server *srv, uv_stream_t *server, int kind)

@@ -27,8 +27,18 @@ struct cert_info {
     X509 *x; /* referenced */
 };
 
+#define BE_SESSIONS 32 /* backend addresses with a session to resume */
+
+struct be_session {
+    char addr[128];
+    SSL_SESSION *sess; /* referenced; NULL = free slot */
+    uint64_t used;     /* LRU stamp */
+};
+
 struct px_tls {
     int refs;
+    struct be_session be_sess[BE_SESSIONS];
+    uint64_t be_stamp;
     SSL_CTX *server[PX_L_COUNT];
     struct sni_ctx *sni;
     size_t n_sni;
@@ -219,8 +229,8 @@ struct px_tls *px_tls_new(const struct px_conf *c, char *err, size_t errlen)
             goto fail;
         }
         if (remember_cert(t, t->backend, c->be_cert) < 0) goto oom;
-        /* the backend sessions are short-lived logins; no client session
-         * cache: a fresh handshake per login keeps the proxy stateless */
+        /* OpenSSL's own client cache stays off: px_session keeps one
+         * session per store address here (px_tls_backend_session) */
         SSL_CTX_set_session_cache_mode(t->backend, SSL_SESS_CACHE_OFF);
     }
     if (*c->be_tls_name) {
@@ -262,7 +272,56 @@ void px_tls_unref(struct px_tls **tp)
     }
     free(t->certs);
     free(t->backend_name);
+    for (int i = 0; i < BE_SESSIONS; i++)
+        SSL_SESSION_free(t->be_sess[i].sess);
     free(t);
+}
+
+static struct be_session *be_find(struct px_tls *t, const char *addr)
+{
+    for (int i = 0; i < BE_SESSIONS; i++)
+        if (t->be_sess[i].sess != NULL && strcmp(t->be_sess[i].addr, addr) == 0)
+            return &t->be_sess[i];
+    return NULL;
+}
+
+SSL_SESSION *px_tls_backend_session(struct px_tls *t, const char *addr)
+{
+    struct be_session *e = be_find(t, addr);
+    if (e == NULL) return NULL;
+    time_t now = time(NULL);
+    if ((time_t)SSL_SESSION_get_time(e->sess) + (time_t)SSL_SESSION_get_timeout(e->sess) <= now) {
+        SSL_SESSION_free(e->sess);
+        e->sess = NULL;
+        return NULL;
+    }
+    e->used = ++t->be_stamp;
+    return e->sess;
+}
+
+void px_tls_backend_session_put(struct px_tls *t, const char *addr, SSL_SESSION *sess)
+{
+    struct be_session *e = be_find(t, addr);
+    if (e == NULL && sess != NULL && strlen(addr) < sizeof(e->addr)) {
+        e = &t->be_sess[0];
+        for (int i = 0; i < BE_SESSIONS; i++) {
+            if (t->be_sess[i].sess == NULL) {
+                e = &t->be_sess[i];
+                break;
+            }
+            if (t->be_sess[i].used < e->used) e = &t->be_sess[i];
+        }
+        SSL_SESSION_free(e->sess);
+        e->sess = NULL;
+        snprintf(e->addr, sizeof(e->addr), "%s", addr);
+    }
+    if (e == NULL) {
+        SSL_SESSION_free(sess);
+        return;
+    }
+    SSL_SESSION_free(e->sess);
+    e->sess = sess;
+    e->used = ++t->be_stamp;
 }
 
 SSL_CTX *px_tls_server(struct px_tls *t, int kind)

@@ -30,6 +30,17 @@ SSL_CTX *px_tls_backend(struct px_tls *t);
 /* Name to verify in the stores' certificates (NULL: the node's host). */
 const char *px_tls_backend_name(const struct px_tls *t);
 
+/* Backend TLS sessions to resume (backend.tls_resume): at most one per
+ * store address, kept in this generation (a reload may change the client
+ * certificate the sessions were made with, so it starts without any).
+ * px_tls_backend_session: the address's session, borrowed (valid until the
+ * next call on this generation), or NULL (none, or expired).
+ * px_tls_backend_session_put: keep `sess` for addr, taking over the
+ * caller's reference; NULL forgets the address's session (after a failed
+ * handshake or connection: the next login does a full handshake). */
+SSL_SESSION *px_tls_backend_session(struct px_tls *t, const char *addr);
+void px_tls_backend_session_put(struct px_tls *t, const char *addr, SSL_SESSION *sess);
+
 /* Log a warning for every certificate expiring within warn_days (an error
  * for expired ones). Returns how many were reported. */
 int px_tls_check_expiry(const struct px_tls *t, unsigned warn_days);

@@ -3,6 +3,8 @@ TLS) vs straight to the store, proxy CPU per TLS handshake vs openssl speed,
 memory per idle proxied session. Run against a Release build:
 
   COFFER_BUILD_DIR=/work/build-proxy-rel python3 proxy/tests/bench_mmp.py
+  BENCH_RESUME=no ...    (backend.tls_resume = no: a full TLS handshake to the
+                          store per login, for comparison)
 """
 
 import os
@@ -14,14 +16,18 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests", "e2e"))
+sys.path.insert(0, os.path.dirname(__file__))
 import coffer_harness as ch  # noqa: E402
 import mmp_harness as mh  # noqa: E402
+import idle_mem_mmp as im  # noqa: E402
 from coffer_harness import HOST  # noqa: E402
 
 N_LOGIN = int(os.environ.get("BENCH_LOGINS", "400"))
 N_HS = int(os.environ.get("BENCH_HANDSHAKES", "1000"))
 N_IDLE = int(os.environ.get("BENCH_IDLE", "500"))
 THREADS = 4
+# BENCH_RESUME=no: the proxy makes a full TLS handshake to the store per login
+RESUME = os.environ.get("BENCH_RESUME", "yes")
 
 
 def cpu_s(pid):
@@ -75,7 +81,8 @@ def main():
                                                 "auth.plaintext_networks": "127.0.0.0/8",
                                                 "proxy.log_level": "warn",
                                                 "limits.max_connections_per_ip": "100000",
-                                                "limits.max_connections": "100000"},
+                                                "limits.max_connections": "100000",
+                                                "backend.tls_resume": RESUME},
                          store_config={"auth.scrypt_log2n": "10", "auth.allow_plaintext": "yes",
                                        "node.log_level": "warn"}, users=())
     try:
@@ -102,34 +109,16 @@ def main():
                                text=True)
             print("  openssl speed %s: %s" % (alg, r.stdout.strip().splitlines()[-1]))
 
-        # memory per idle logged-in session
-        for label, port, tls in (("TLS", cl.mmp.imaps_port, True),
-                                 ("plain", cl.mmp.imap_port, False)):
-            r0 = rss_kib(px)
-            held = []
-            for _ in range(N_IDLE):
-                s = socket.create_connection((HOST, port))
-                if tls:
-                    s = ctx.wrap_socket(s)
-                f = s.makefile("rb")
-                f.readline()
-                s.sendall(b"a LOGIN alice %s\r\n" % pw.encode())
-                line = f.readline()
-                assert line.startswith(b"a OK"), line
-                s.sendall(b"b SELECT INBOX\r\n")
-                while not f.readline().startswith(b"b "):
-                    pass
-                held.append((s, f))
-            time.sleep(0.5)
-            r1 = rss_kib(px)
-            print("idle proxied sessions (%s): %d sessions, proxy RSS %d -> %d KiB = %.1f KiB "
-                  "each" % (label, N_IDLE, r0, r1, (r1 - r0) / N_IDLE))
-            for s, f in held:
-                f.close()
-                s.close()
-            time.sleep(1)
     finally:
         cl.close(check=False)
+
+    # memory per idle logged-in session: a fresh store + proxy per mode (a
+    # proxy that already served sessions reuses their freed memory)
+    print("memory per idle proxied session (proxy/tests/idle_mem_mmp.py), KiB:")
+    print("%-9s %9s %9s %9s    %9s %9s %9s" % ("mode", "proxyRSS", "RssAnon", "kept", "storeRSS",
+                                               "RssAnon", "kept"))
+    for mode in ("tls", "plain"):
+        im.run_mode(mode, N_IDLE, resume=RESUME)
 
 
 if __name__ == "__main__":

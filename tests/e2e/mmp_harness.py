@@ -140,7 +140,9 @@ class MMPProxy:
     def start(self, timeout=30):
         self._ready.clear()
         logf = open(self.log_file, "ab")
-        self.proc = subprocess.Popen([MMP_BIN, "--config", self.config_file],
+        # COFFER_MMP_WRAP: a command prefix for measurements, e.g. "heaptrack -o /tmp/h"
+        wrap = os.environ.get("COFFER_MMP_WRAP", "").split()
+        self.proc = subprocess.Popen(wrap + [MMP_BIN, "--config", self.config_file],
                                      stdin=subprocess.DEVNULL, stdout=logf,
                                      stderr=subprocess.PIPE, cwd=self.tmp,
                                      start_new_session=True)

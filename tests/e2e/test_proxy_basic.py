@@ -279,5 +279,26 @@ class ProxyBasic(mh.ProxyTestCase):
         return m.group(1) if m else b""
 
 
+class ProxyBackendResume(mh.ProxyTestCase):
+    """The proxy resumes its TLS sessions to the store (backend.tls_resume),
+    and the store still trusts the resumed connection's client certificate
+    (it takes the client address the proxy passes)."""
+    proxy_config = {"proxy.log_level": "debug"}
+
+    def test_backend_tls_resumed(self):
+        since = len(self.srv.log())
+        for i in range(3):
+            c = self.mmp.imap("tls")
+            c.login("alice", self.srv.passwords["alice"])
+            typ, _ = c.select("INBOX")
+            self.assertEqual(typ, "OK")
+            c.logout()
+        self.assertGreaterEqual(self.mmp.count_log(rb"TLS session new"), 1)
+        self.assertGreaterEqual(self.mmp.count_log(rb"TLS session resumed"), 2)
+        ch.wait_until(lambda: len(re.findall(rb"passed by trusted proxy", self.srv.log()[since:])) >= 3,
+                      10, what="store trusting 3 proxied logins")
+        self.assertAlive()
+
+
 if __name__ == "__main__":
     ch.main()

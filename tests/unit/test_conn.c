@@ -99,7 +99,7 @@ static void bytes_free(struct bytes *b)
 
 /* ---- server side ---- */
 
-enum srv_mode { M_ECHO, M_STARTTLS, M_FLOOD, M_IDLE, M_CLOSE_TWICE, M_LINES };
+enum srv_mode { M_ECHO, M_STARTTLS, M_FLOOD, M_IDLE, M_CLOSE_TWICE, M_LINES, M_REFUSE };
 
 struct srv {
     enum srv_mode mode;
@@ -118,6 +118,9 @@ struct srv {
     int resume_timer_init;
     /* close twice */
     int write_after_close_rv, release_calls;
+    /* buffer bytes the conn held after its last read (idle) */
+    size_t buffered_after_read;
+    int reads;
 };
 
 static struct srv srv;
@@ -149,6 +152,7 @@ static size_t srv_on_read(struct cf_conn *c, void *data, const char *buf, size_t
     const char *nl;
     (void)data;
 
+    srv.reads++;
     switch (srv.mode) {
     case M_ECHO:
         CU_ASSERT_EQUAL(cf_conn_write(c, buf, len), 0);
@@ -250,6 +254,12 @@ static void on_connection(uv_stream_t *server, int status)
         break;
     case M_IDLE:
         cf_conn_set_idle_timeout(c, 150);
+        break;
+    case M_REFUSE:
+        /* refuse at once, before the TLS handshake: the reply must still
+         * arrive (after the handshake) */
+        CU_ASSERT_EQUAL(cf_conn_write(c, "* BYE refused\r\n", 15), 0);
+        cf_conn_close(c, 1, "refused");
         break;
     case M_CLOSE_TWICE:
         cf_conn_close(c, 1, "first");
@@ -372,6 +382,9 @@ static void raw_close(struct rawcli *r)
 
 struct cli {
     struct cf_conn *conn;
+    SSL_SESSION *sess; /* cf_conn_get_session when done */
+    int reused;        /* cf_conn_session_reused when done */
+    int keep_open;     /* do not close when done */
     struct bytes in;
     int connected, tls_ready, closed, released, done;
     char reason[256];
@@ -398,7 +411,10 @@ static size_t cli_on_read(struct cf_conn *c, void *data, const char *buf, size_t
     bytes_add(&cli.in, buf, len);
     if (cli.expect > 0 && cli.in.len >= cli.expect && !cli.done) {
         cli.done = 1;
-        cf_conn_close(c, 1, "client done");
+        SSL_SESSION_free(cli.sess);
+        cli.sess = cf_conn_get_session(c);
+        cli.reused = cf_conn_session_reused(c);
+        if (!cli.keep_open) cf_conn_close(c, 1, "client done");
     }
     return len;
 }
@@ -442,6 +458,7 @@ static const struct cf_conn_ops cli_ops = {
 
 static void cli_reset(void)
 {
+    SSL_SESSION_free(cli.sess);
     bytes_free(&cli.in);
     memset(&cli, 0, sizeof(cli));
 }
@@ -819,6 +836,147 @@ static void test_pipelined_pause(void)
     CU_ASSERT_STRING_EQUAL(srv.reason, "peer closed");
 }
 
+/* Client TLS session resumption; the resumed server side still sees the
+ * client certificate (the store trusts the proxy by it). */
+static void test_tls_resume(void)
+{
+    char hp[64], err[512];
+    struct cf_tls_server_opts o = {.cert_file = cert_path,
+                                   .key_file = key_path,
+                                   .ca_file = cert_path,
+                                   .require_client_cert = 1};
+    SSL_CTX *sctx = cf_tls_server_ctx(&o, err, sizeof(err));
+    SSL_CTX *cctx = cf_tls_client_ctx(cert_path, cert_path, key_path, err, sizeof(err));
+    SSL_SESSION *sess = NULL;
+
+    CU_ASSERT_PTR_NOT_NULL_FATAL(sctx);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(cctx);
+    snprintf(hp, sizeof(hp), "127.0.0.1:%d", listen_port);
+    for (int round = 0; round < 3; round++) {
+        srv_reset(M_ECHO, sctx);
+        cli_reset();
+        cli.payload = "ping\r\n";
+        cli.payload_len = 6;
+        cli.expect = 6;
+        cli.conn = cf_conn_connect(&loop, hp, cctx, "localhost", &cli_ops, NULL);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(cli.conn);
+        /* round 2 offers a session; round 1 none, round 3 sets and unsets one */
+        CU_ASSERT_EQUAL(cf_conn_set_session(cli.conn, round == 0 ? NULL : sess), 0);
+        if (round == 2) CU_ASSERT_EQUAL(cf_conn_set_session(cli.conn, NULL), 0);
+        CU_ASSERT_EQUAL(run_until(&cli.closed, WAIT_MS), 0);
+        CU_ASSERT_STRING_EQUAL(cli.in.p ? cli.in.p : "", "ping\r\n");
+        CU_ASSERT_EQUAL(cli.reused, round == 1);
+        CU_ASSERT_PTR_NOT_NULL(cli.sess); /* the ticket came before the echo */
+        CU_ASSERT_EQUAL(run_until(&srv.closed, WAIT_MS), 0);
+        CU_ASSERT_EQUAL(srv.tls_ready, 1);
+        CU_ASSERT_EQUAL(srv.peer_cert_seen, 1);
+        if (round == 0) {
+            sess = cli.sess;
+            cli.sess = NULL;
+        }
+    }
+    cli_reset();
+    /* not a client conn / handshake already done: refused */
+    CU_ASSERT_EQUAL(cf_conn_set_session(NULL, sess), -1);
+    CU_ASSERT_PTR_NULL(cf_conn_get_session(NULL));
+    SSL_SESSION_free(sess);
+    SSL_CTX_free(sctx);
+    SSL_CTX_free(cctx);
+}
+
+/* Idle conns give their buffers back: after a large TLS echo, both sides
+ * hold no input or ciphertext buffer once the traffic stopped. */
+static void test_idle_buffers(void)
+{
+    char hp[64];
+    char *payload = malloc(200000);
+
+    fill_pattern(payload, 200000, 3);
+    snprintf(hp, sizeof(hp), "127.0.0.1:%d", listen_port);
+    srv_reset(M_ECHO, server_ctx);
+    cli_reset();
+    cli.payload = payload;
+    cli.payload_len = 200000;
+    cli.expect = 200000;
+    cli.keep_open = 1;
+    cli.conn = cf_conn_connect(&loop, hp, client_ctx, "localhost", &cli_ops, NULL);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(cli.conn);
+    CU_ASSERT_EQUAL(run_until(&cli.done, WAIT_MS), 0);
+    CU_ASSERT_EQUAL(cli.in.len, 200000);
+    CU_ASSERT(cli.in.len == 200000 && check_pattern(cli.in.p, 200000, 3) == 0);
+    CU_ASSERT(srv.reads > 1);
+    run_for(100);
+    CU_ASSERT_EQUAL_FATAL(cli.closed, 0);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(srv.conn);
+    /* idle now: no input or ciphertext buffers on either side */
+    CU_ASSERT_EQUAL(cf_conn_buffer_bytes(cli.conn), 0);
+    CU_ASSERT_EQUAL(cf_conn_buffer_bytes(srv.conn), 0);
+    /* and the conn still works after giving them back */
+    cli.expect = 200000 + 6;
+    cli.keep_open = 0;
+    cli.done = 0;
+    CU_ASSERT_EQUAL(cf_conn_write(cli.conn, "again\n", 6), 0);
+    CU_ASSERT_EQUAL(run_until(&cli.closed, WAIT_MS), 0);
+    CU_ASSERT_EQUAL(cli.in.len, 200006);
+    CU_ASSERT(cli.in.len == 200006 && memcmp(cli.in.p + 200000, "again\n", 6) == 0);
+    CU_ASSERT_EQUAL(run_until(&srv.closed, WAIT_MS), 0);
+    cli_reset();
+    free(payload);
+
+    /* plaintext, with a partial line left unconsumed: only that is kept */
+    {
+        struct rawcli r;
+        static const char part[] = "A1\r\nB2";
+        srv_reset(M_LINES, NULL);
+        raw_connect(&r, part, sizeof(part) - 1, 1);
+        for (int i = 0; i < 100 && srv.nlines < 1; i++)
+            run_for(20);
+        run_for(60); /* resumed: "B2" stays unconsumed */
+        CU_ASSERT_EQUAL(srv.nlines, 1);
+        if (srv.conn != NULL) {
+            CU_ASSERT(cf_conn_buffer_bytes(srv.conn) > 0);
+            CU_ASSERT(cf_conn_buffer_bytes(srv.conn) <= 4096);
+        }
+        raw_close(&r);
+        CU_ASSERT_EQUAL(run_until(&srv.closed, WAIT_MS), 0);
+    }
+}
+
+/* A graceful close during the server's TLS handshake finishes the handshake
+ * and delivers what was queued; no on_tls_ready after the close. */
+static void test_close_during_handshake(void)
+{
+    char hp[64];
+
+    snprintf(hp, sizeof(hp), "127.0.0.1:%d", listen_port);
+    srv_reset(M_REFUSE, server_ctx);
+    cli_reset();
+    cli.conn = cf_conn_connect(&loop, hp, client_ctx, "localhost", &cli_ops, NULL);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(cli.conn);
+    CU_ASSERT_EQUAL(run_until(&cli.closed, WAIT_MS), 0);
+    CU_ASSERT_EQUAL(cli.tls_ready, 1);
+    CU_ASSERT_STRING_EQUAL(cli.in.p ? cli.in.p : "", "* BYE refused\r\n");
+    CU_ASSERT_STRING_EQUAL(cli.reason, "peer closed");
+    CU_ASSERT_EQUAL(run_until(&srv.closed, WAIT_MS), 0);
+    CU_ASSERT_STRING_EQUAL(srv.reason, "refused");
+    CU_ASSERT_EQUAL(srv.tls_ready, 0);
+    CU_ASSERT_EQUAL(srv.reads, 0);
+    cli_reset();
+
+    /* a client that never handshakes: the close is not held up forever
+     * (nothing queued: at once) */
+    {
+        struct rawcli r;
+        srv_reset(M_CLOSE_TWICE, server_ctx);
+        raw_connect(&r, NULL, 0, 1);
+        CU_ASSERT_EQUAL(run_until(&srv.closed, 2000), 0);
+        CU_ASSERT_STRING_EQUAL(srv.reason, "first");
+        CU_ASSERT_EQUAL(run_until(&r.eof, WAIT_MS), 0);
+        CU_ASSERT_EQUAL(r.in.len, 0);
+        raw_close(&r);
+    }
+}
+
 static int suite_init(void)
 {
     char err[512];
@@ -893,6 +1051,9 @@ int main(void)
     CU_add_test(s, "idle_timeout", test_idle_timeout);
     CU_add_test(s, "close_twice", test_close_twice);
     CU_add_test(s, "pipelined_pause", test_pipelined_pause);
+    CU_add_test(s, "tls_resume", test_tls_resume);
+    CU_add_test(s, "idle_buffers", test_idle_buffers);
+    CU_add_test(s, "close_during_handshake", test_close_during_handshake);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     fails = CU_get_number_of_failures() + CU_get_number_of_suites_failed();
