@@ -135,9 +135,14 @@ def report(out):
     p("")
     p("### Coffer vs Dovecot (direct)")
     p("")
+    nodes = meta.get("store_nodes", 1)
     p("Rates are medians; ratio = Coffer / Dovecot (above 1 = Coffer higher). CPU ms/op is "
-      "the server process tree's utime+stime per operation (lower is better; for Coffer "
-      "every coffer-* process of the deployment).")
+      "the server process tree's utime+stime per operation (lower is better). Coffer is "
+      "reached directly on the leader of its %d-node store group; its CPU is that of every "
+      "store node (the leader and the followers replicating each change), not of coffer-mmp. "
+      "`login-tls-n10`: a user whose password hash uses scrypt N = 2^10 instead of the "
+      "default 2^14 (auth.scrypt_log2n = 10), to show the login cost without most of the "
+      "password hashing." % nodes)
     p("")
     p("| scenario | unit | Coffer | Dovecot | ratio | p99 ms C / D | CPU ms/op C / D | CPU ratio | errors C / D | Coffer vs limit |")
     p("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -170,6 +175,8 @@ def report(out):
                 limit = "%.1f MB/s" % mb
         if not c and res.get((label, "coffer")):
             why = "n/a (plaintext login refused)" if "plain" in label else "n/a"
+            if label.endswith("-n10"):
+                why = "n/a (cluster was already running: no N = 2^10 user)"
             ctext = why
         else:
             ctext = fmt(cr)
@@ -189,12 +196,20 @@ def report(out):
                 continue
             r = runs(label, sysname)
             if not r:
-                why = "n/a (no coffer-mmp yet)" if sysname == "coffer-mmp" else \
-                    "n/a (plaintext login refused)"
+                why = "n/a (plaintext login refused)"
+                if sysname == "coffer-mmp" and not meta.get("coffer_mmp"):
+                    why = "n/a (no coffer-mmp in the deployment)"
                 p("| %s | %s | %s | | | | |" % (label, sysname, why))
                 continue
-            pre = "coffer" if sysname.startswith("coffer") else sysname
-            if sysname == "nginx":
+            pre = sysname
+            if sysname == "coffer-mmp":
+                rss = med([mem_per_session(j, "coffer-mmp", "rss_per_session") for j in r])
+                pss = med([mem_per_session(j, "coffer-mmp", "pss_per_session") for j in r])
+                srss = med([mem_per_session(j, "coffer", "rss_per_session") for j in r])
+                spss = med([mem_per_session(j, "coffer", "pss_per_session") for j in r])
+                name = "coffer-mmp (+ the store nodes behind it: RSS %s, PSS %s)" % (
+                    fmt(srss), fmt(spss))
+            elif sysname == "nginx":
                 rss = med([mem_per_session(j, "nginx", "rss_per_session") for j in r])
                 pss = med([mem_per_session(j, "nginx", "pss_per_session") for j in r])
                 drss = med([mem_per_session(j, "dovecot", "rss_per_session") for j in r])
@@ -209,30 +224,54 @@ def report(out):
                 label, name, r[0].get("established", 0), fmt(rss), fmt(pss), fmt(procs, 0),
                 errs(label, sysname)))
     p("")
-    p("### Proxy: nginx mail proxy (in front of the Dovecot above) vs coffer-mmp")
+    p("### Proxy: nginx mail proxy (in front of the Dovecot above) vs coffer-mmp (in front of the Coffer group above)")
     p("")
-    p("| scenario | nginx rate | p99 ms | nginx CPU ms/op | auth_http CPU ms/op | Dovecot CPU ms/op | coffer-mmp |")
-    p("| --- | --- | --- | --- | --- | --- | --- |")
+    p("CPU ms/op per process tree. nginx passes the password to Dovecot over plain TCP; "
+      "coffer-mmp always logs in to the store over TLS (session resumption) with its client "
+      "certificate, and the store checks the password (scrypt).")
+    p("")
+    p("| scenario | nginx rate | p99 ms | nginx CPU | auth_http CPU | Dovecot CPU "
+      "| coffer-mmp rate | p99 ms | coffer-mmp CPU | store nodes CPU | rate ratio mmp / nginx |")
+    p("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label in labels:
-        if label.startswith("idle") or (label, "nginx") not in res:
+        if label.startswith("idle") or label == "populate":
+            continue
+        if (label, "nginx") not in res and (label, "coffer-mmp") not in res:
             continue
         r = runs(label, "nginx")
         m = runs(label, "coffer-mmp")
-        mmp = "n/a (no coffer-mmp yet)" if not meta.get("coffer_mmp") else (
-            "%s/s, CPU %s ms/op" % (fmt(med([j.get("rate") for j in m])),
-                                    fmt(med([cpu_ms(j, "coffer") for j in m]), 3)) if m else "n/a")
-        p("| %s | %s %s | %s | %s | %s | %s | %s |" % (
-            label, fmt(med([j.get("rate") for j in r])),
-            UNITS.get(r[0]["scenario"], "") if r else "", fmt(med([j.get("p99_ms") for j in r]), 2),
-            fmt(med([cpu_ms(j, "nginx") for j in r]), 3),
-            fmt(med([cpu_ms(j, "auth_http") for j in r]), 3),
-            fmt(med([cpu_ms(j, "dovecot") for j in r]), 3), mmp))
+        unit = ""
+        for j in r + m:
+            unit = UNITS.get(j.get("scenario"), "")
+            break
+        nr = med([j.get("rate") for j in r])
+        mr = med([j.get("rate") for j in m])
+        if (label, "nginx") in res:
+            ntext = [fmt(nr) + " " + unit if r else "n/a", fmt(med([j.get("p99_ms") for j in r]), 2),
+                     fmt(med([cpu_ms(j, "nginx") for j in r]), 3),
+                     fmt(med([cpu_ms(j, "auth_http") for j in r]), 3),
+                     fmt(med([cpu_ms(j, "dovecot") for j in r]), 3)]
+        else:
+            ntext = ["(not run: no password hash in this Dovecot)", "", "", "", ""]
+        if m:
+            mtext = [fmt(mr) + " " + unit, fmt(med([j.get("p99_ms") for j in m]), 2),
+                     fmt(med([cpu_ms(j, "coffer-mmp") for j in m]), 3),
+                     fmt(med([cpu_ms(j, "coffer") for j in m]), 3)]
+        else:
+            why = "n/a"
+            if not meta.get("coffer_mmp"):
+                why = "n/a (no coffer-mmp in the deployment)"
+            elif "plain" in label:
+                why = "n/a (plaintext login refused)"
+            mtext = [why, "", "", ""]
+        p("| %s | %s | %s | %s |" % (label, " | ".join(ntext), " | ".join(mtext), ratio(mr, nr)))
     p("")
-    plot(out, res, runs)
+    plot(out, res, runs, nodes)
 
 
-def plot(out, res, runs):
+def plot(out, res, runs, nodes=1):
     """APPEND 4 KiB throughput and p99 against client count, per system."""
+    ctitle = "Coffer (%d-node group)" % nodes if nodes > 1 else "Coffer"
     rows = {}
     for (label, sysname) in res:
         m = re.match(r"append-4k-c(\d+)$", label)
@@ -266,13 +305,13 @@ set key top left
 set grid
 set ylabel 'APPENDs/s'
 set yrange [0:*]
-plot '%s' using 1:2 with linespoints lw 2 title 'Coffer', '' using 1:3 with linespoints lw 2 title 'Dovecot 2.3'
+plot '%s' using 1:2 with linespoints lw 2 title '%s', '' using 1:3 with linespoints lw 2 title 'Dovecot 2.3'
 set ylabel 'p99 latency (ms)'
 set logscale y
 set yrange [*:*]
-plot '%s' using 1:4 with linespoints lw 2 title 'Coffer', '' using 1:5 with linespoints lw 2 title 'Dovecot 2.3'
+plot '%s' using 1:4 with linespoints lw 2 title '%s', '' using 1:5 with linespoints lw 2 title 'Dovecot 2.3'
 unset multiplot
-""" % (png, dat, dat)
+""" % (png, dat, ctitle, dat, ctitle)
     try:
         subprocess.run(["gnuplot"], input=script.encode(), check=True, timeout=60)
         print("plot: %s" % png)
