@@ -518,6 +518,14 @@ static void print_status(const Coffer__NodeStatus *ns, int json)
                 (unsigned long long)ns->users, (unsigned long long)ns->lmdb_map_size,
                 (unsigned long long)ns->lmdb_used_bytes, (unsigned)ns->pid);
         json_str(f, ns->version);
+        fprintf(f,
+                ",\"checkpoint_applied\":%llu,\"checkpoints_installed\":%llu"
+                ",\"checkpoints_taken\":%llu,\"checkpoints_served\":%llu,\"checkpoint_state\":",
+                (unsigned long long)ns->checkpoint_applied,
+                (unsigned long long)ns->checkpoints_installed,
+                (unsigned long long)ns->checkpoints_taken,
+                (unsigned long long)ns->checkpoints_served);
+        json_str(f, ns->checkpoint_state ? ns->checkpoint_state : "");
         fprintf(f, ",\"members\":[");
         for (size_t i = 0; i < ns->n_members; i++) {
             const Coffer__MemberStatus *m = ns->members[i];
@@ -548,6 +556,12 @@ static void print_status(const Coffer__NodeStatus *ns, int json)
     printf("commit index:   %llu\n", (unsigned long long)ns->commit_index);
     printf("applied index:  %llu\n", (unsigned long long)ns->applied_index);
     printf("last snapshot:  %llu\n", (unsigned long long)ns->last_snapshot_index);
+    if (ns->checkpoint_state != NULL)
+        printf("checkpoints:    newest at %llu, %s; taken %llu, installed %llu, served %llu\n",
+               (unsigned long long)ns->checkpoint_applied, ns->checkpoint_state,
+               (unsigned long long)ns->checkpoints_taken,
+               (unsigned long long)ns->checkpoints_installed,
+               (unsigned long long)ns->checkpoints_served);
     printf("digest:         %s\n", ns->digest ? ns->digest : "-");
     printf("sessions:       imap %llu, pop3 %llu\n", (unsigned long long)ns->imap_sessions,
            (unsigned long long)ns->pop3_sessions);

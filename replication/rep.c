@@ -27,6 +27,8 @@
 #define REP_ROLE_POLL_MS 50
 #define REP_CONNECT_RETRY_MS 200
 #define REP_FRAME_HDR 8
+#define REP_RESTORE_LOG_MS 5000
+#define REP_SIZE_RING 4096
 
 struct rep {
     uv_loop_t *loop;
@@ -54,6 +56,15 @@ struct rep {
 
     uint64_t last_apply_index; /* index of the last entry given to ops->apply */
     uint64_t last_snapshot_index;
+    uint64_t bytes_since_snapshot; /* entry bytes applied since the last snapshot */
+    /* sizes of the most recent command entries (ring), to bound the trailing
+     * entries kept after a snapshot by bytes as well */
+    uint64_t ring_index[REP_SIZE_RING];
+    uint32_t ring_len[REP_SIZE_RING];
+    unsigned ring_pos;
+    int bytes_triggered; /* threshold lowered to force a snapshot */
+    uint64_t restore_retries;
+    uint64_t restore_log_at;
     int fatal; /* ops->apply failed: we refuse further applies */
 
     int transport_init, io_init, raft_init, started;
@@ -205,6 +216,26 @@ static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void *
         return RAFT_IOERR;
     }
     r->last_apply_index = index;
+    /* Compaction by bytes: libraft 0.15 only counts entries. Once the
+     * applied entry bytes since the last snapshot pass snapshot_bytes, lower
+     * libraft's threshold to the entries applied so far so that it takes a
+     * snapshot right after this entry; fsm_snapshot puts it back. */
+    r->bytes_since_snapshot += buf->len;
+    r->ring_index[r->ring_pos] = index;
+    r->ring_len[r->ring_pos] = (uint32_t)buf->len;
+    r->ring_pos = (r->ring_pos + 1) % REP_SIZE_RING;
+    if (r->cfg.snapshot_bytes > 0 && !r->bytes_triggered &&
+        r->bytes_since_snapshot >= r->cfg.snapshot_bytes &&
+        index > r->rp->log.snapshot.last_index) {
+        uint64_t due = index - r->rp->log.snapshot.last_index;
+        if (due < r->cfg.snapshot_threshold) {
+            raft_set_snapshot_threshold(r->rp, (unsigned)due);
+            r->bytes_triggered = 1;
+            cf_info("rep: %" PRIu64 " entry bytes since the last snapshot: snapshot after index "
+                    "%" PRIu64,
+                    r->bytes_since_snapshot, index);
+        }
+    }
     return 0;
 }
 
@@ -231,6 +262,37 @@ static int fsm_snapshot(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsign
     *bufs = arr;
     *n_bufs = 1;
     r->last_snapshot_index = index;
+    r->bytes_since_snapshot = 0;
+    if (r->cfg.snapshot_bytes > 0) {
+        /* libraft keeps `trailing` entries in memory and on disk after the
+         * snapshot, counted in entries; with 50 MiB messages 512 of them
+         * would be 25 GiB. Keep only as many of the newest entries as fit
+         * in snapshot_bytes (at least one). */
+        uint64_t sum = 0, oldest = index + 1, keep = r->cfg.snapshot_trailing;
+        int over = 0;
+        for (unsigned k = 1; k <= REP_SIZE_RING; k++) {
+            unsigned pos = (r->ring_pos + REP_SIZE_RING - k) % REP_SIZE_RING;
+            if (r->ring_index[pos] == 0 || r->ring_index[pos] > index) continue;
+            if (index - r->ring_index[pos] >= r->cfg.snapshot_trailing) break;
+            sum += r->ring_len[pos];
+            if (sum > r->cfg.snapshot_bytes) {
+                over = 1;
+                break;
+            }
+            oldest = r->ring_index[pos];
+        }
+        if (over) keep = oldest <= index ? index - oldest + 1 : 1;
+        if (keep == 0) keep = 1;
+        raft_set_snapshot_trailing(r->rp, (unsigned)keep);
+        if (keep < r->cfg.snapshot_trailing)
+            cf_info("rep: keeping %" PRIu64 " entries (not %" PRIu64
+                    ") after the snapshot: their bytes reach raft.snapshot_bytes",
+                    keep, r->cfg.snapshot_trailing);
+    }
+    if (r->bytes_triggered) {
+        raft_set_snapshot_threshold(r->rp, (unsigned)r->cfg.snapshot_threshold);
+        r->bytes_triggered = 0;
+    }
     cf_info("rep: snapshot at index %" PRIu64 " (%zu bytes)", index, len);
     return 0;
 }
@@ -250,16 +312,122 @@ static int fsm_snapshot_finalize(struct raft_fsm *fsm, struct raft_buffer *bufs[
     return 0;
 }
 
+/* Restore (on start, or when the leader installs a snapshot). ops->restore
+ * may answer 1, "not yet": the store is being brought up to the snapshot
+ * from a checkpoint in the background. libraft 0.15 then discards the
+ * installed snapshot, answers the leader with a rejection and the leader
+ * sends the snapshot again (every heartbeat or so), which calls restore
+ * again: that retry is what completes the install. Logged at most every
+ * few seconds. */
 static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
 {
     struct rep *r = fsm->data;
+    int rv = r->ops.restore(r->fsm_data, buf->base, buf->len);
 
-    if (r->ops.restore(r->fsm_data, buf->base, buf->len) != 0) {
-        cf_crit("rep: FSM restore from snapshot failed");
+    if (rv == 1) {
+        uint64_t now = r->loop != NULL ? uv_now(r->loop) : 0;
+        r->restore_retries++;
+        if (r->loop == NULL || now - r->restore_log_at >= REP_RESTORE_LOG_MS) {
+            r->restore_log_at = now;
+            cf_info("rep: snapshot not installed yet (store catching up from a checkpoint; "
+                    "attempt %" PRIu64 ")",
+                    r->restore_retries);
+        }
         return RAFT_IOERR; /* on failure raft keeps ownership of buf */
     }
+    if (rv != 0) {
+        cf_crit("rep: FSM restore from snapshot failed");
+        return RAFT_IOERR;
+    }
+    r->restore_retries = 0;
+    r->bytes_since_snapshot = 0;
     raft_free(buf->base);
     return 0;
+}
+
+/* ---- InstallSnapshot gate ----
+ *
+ * libraft 0.15 (replicationInstallSnapshot) resets its in-memory log to the
+ * snapshot and zeroes last_stored BEFORE it writes the snapshot and calls
+ * fsm->restore, and does not undo that when restore fails; the next
+ * InstallSnapshot with the same index is then taken as a no-op ("our last
+ * snapshot is more up-to-date"), so the follower is left with a log that
+ * starts after the snapshot and an FSM that is behind it. So a restore must
+ * never fail during an install: rep wraps the raft_io's start() to see every
+ * incoming message first, and asks ops->snapshot_gate about each
+ * InstallSnapshot; a snapshot the FSM cannot restore yet is dropped (as if
+ * lost on the network) and the leader sends it again after its
+ * install-snapshot timeout. */
+#define REP_GATES 16
+
+static struct {
+    struct raft_io *io;
+    struct rep *rep;
+    int (*start)(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick, raft_io_recv_cb recv);
+    raft_io_recv_cb recv;
+} gates[REP_GATES];
+
+static int gate_find(const struct raft_io *io)
+{
+    for (int i = 0; i < REP_GATES; i++)
+        if (gates[i].io == io) return i;
+    return -1;
+}
+
+static void gate_recv(struct raft_io *io, struct raft_message *m)
+{
+    int g = gate_find(io);
+    struct rep *r;
+
+    if (g < 0) return; /* cannot happen: start registered it */
+    r = gates[g].rep;
+    if (m->type == RAFT_IO_INSTALL_SNAPSHOT && r->ops.snapshot_gate != NULL && !r->fatal &&
+        r->ops.snapshot_gate(r->fsm_data, m->install_snapshot.data.base,
+                             m->install_snapshot.data.len) != 0) {
+        uint64_t now = r->loop != NULL ? uv_now(r->loop) : 0;
+        r->restore_retries++;
+        if (r->loop == NULL || now - r->restore_log_at >= REP_RESTORE_LOG_MS) {
+            r->restore_log_at = now;
+            cf_info("rep: snapshot %" PRIu64 " from the leader not installable yet (store "
+                    "catching up from a checkpoint); the leader will send it again (%" PRIu64
+                    " so far)",
+                    (uint64_t)m->install_snapshot.last_index, r->restore_retries);
+        }
+        raft_configuration_close(&m->install_snapshot.conf);
+        raft_free(m->install_snapshot.data.base);
+        return;
+    }
+    gates[g].recv(io, m);
+}
+
+static int gate_start(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick,
+                      raft_io_recv_cb recv)
+{
+    int g = gate_find(io);
+    if (g < 0) return RAFT_IOERR;
+    gates[g].recv = recv;
+    return gates[g].start(io, msecs, tick, gate_recv);
+}
+
+static int gate_install(struct rep *r, struct raft_io *io)
+{
+    int g = gate_find(io);
+    if (g < 0) g = gate_find(NULL);
+    if (g < 0) {
+        cf_error("rep: too many raft instances in one process");
+        return -1;
+    }
+    gates[g].io = io;
+    gates[g].rep = r;
+    gates[g].start = io->start;
+    io->start = gate_start;
+    return 0;
+}
+
+static void gate_remove(struct rep *r)
+{
+    for (int i = 0; i < REP_GATES; i++)
+        if (gates[i].rep == r) memset(&gates[i], 0, sizeof gates[i]);
 }
 
 /* ---- role tracking ---- */
@@ -400,6 +568,12 @@ struct rep *rep_create(uv_loop_t *loop, const struct rep_config *cfg, const stru
     }
     r->raft_init = 1;
     r->raft.data = r;
+    if (gate_install(r, &r->io) != 0)
+        cf_crit("rep: cannot wrap the raft I/O: snapshots from the leader are not gated");
+    /* How soon a leader sends a snapshot again that a follower dropped
+     * (see the InstallSnapshot gate): the election timeout, at least 1 s. */
+    raft_set_install_snapshot_timeout(
+        &r->raft, (unsigned)(cfg->election_timeout_ms > 1000 ? cfg->election_timeout_ms : 1000));
     raft_set_election_timeout(&r->raft, (unsigned)cfg->election_timeout_ms);
     raft_set_heartbeat_timeout(&r->raft, (unsigned)cfg->heartbeat_ms);
     raft_set_snapshot_threshold(&r->raft, (unsigned)cfg->snapshot_threshold);
@@ -786,6 +960,7 @@ void rep_destroy(struct rep **rp)
         *rp = NULL;
         return;
     }
+    gate_remove(r);
     free(r->address);
     free(r->data_dir);
     free(r);
@@ -859,16 +1034,120 @@ int rep_members(const struct rep *r, struct rep_member **m_r, size_t *n_r)
     return 0;
 }
 
+/* Adding a voter (rep_add with REP_ROLE_VOTER): libraft 0.15 promotes a
+ * spare to voter only after catch-up rounds of at most
+ * max_catch_up_round_duration (5 s) each and fails the change otherwise;
+ * a node that must first fetch a large checkpoint (InstallSnapshot is
+ * gated until it has one) cannot make that. So the node is added as spare,
+ * assigned STANDBY (replicated, no catch-up condition), and rep waits until
+ * its match index reaches the leader's commit index as of then before it
+ * asks for the VOTER role (whose catch-up is then one short round). */
+#define REP_CATCH_UP_POLL_MS 100
+#define REP_CATCH_UP_MAX_MS (60u * 60u * 1000u)
+#define REP_CATCH_UP_LOG_MS 5000
+
+enum {
+    CH_ADD = 0,     /* raft_add in flight */
+    CH_ASSIGN = 1,  /* raft_assign(final role) in flight */
+    CH_REMOVE = 2,  /* raft_remove in flight */
+    CH_STANDBY = 3, /* raft_assign(STANDBY) before becoming voter */
+    CH_CATCHUP = 4, /* waiting for the standby to catch up */
+};
+
 struct rep_change_req {
     struct raft_change change;
     struct raft_transfer transfer;
     struct rep *rep;
     uint64_t id;
     int raft_role;
-    int stage; /* 0: add, 1: assign, 2: remove */
+    int stage;
     rep_propose_cb cb;
     void *arg;
+    uv_timer_t timer;
+    uint64_t target, wait_start, logged_at;
 };
+
+static void change_finish(struct rep_change_req *q, int status);
+
+static void change_free_cb(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static void change_release(struct rep_change_req *q)
+{
+    if (q->stage == CH_CATCHUP) {
+        q->timer.data = q;
+        uv_close((uv_handle_t *)&q->timer, change_free_cb);
+    } else {
+        free(q);
+    }
+}
+
+static void change_cb(struct raft_change *req, int status);
+
+static void catchup_tick(uv_timer_t *t)
+{
+    struct rep_change_req *q = t->data;
+    struct rep *r = q->rep;
+    const struct raft_configuration *c = &r->raft.configuration;
+    uint64_t now = uv_now(r->loop);
+    uint64_t match = 0;
+    unsigned i;
+    int rv;
+
+    if (r->closing) {
+        change_finish(q, RAFT_SHUTDOWN);
+        return;
+    }
+    if (raft_state(&r->raft) != RAFT_LEADER) {
+        change_finish(q, RAFT_LEADERSHIPLOST);
+        return;
+    }
+    for (i = 0; i < c->n; i++)
+        if (c->servers[i].id == q->id) break;
+    if (i == c->n) {
+        change_finish(q, RAFT_BADID);
+        return;
+    }
+    match = r->raft.leader_state.progress[i].match_index;
+    if (match < q->target) {
+        if (now - q->wait_start >= REP_CATCH_UP_MAX_MS) {
+            cf_warn("rep: node %" PRIu64 " did not catch up within %u s; it stays standby", q->id,
+                    REP_CATCH_UP_MAX_MS / 1000);
+            change_finish(q, RAFT_NOCONNECTION);
+            return;
+        }
+        if (now - q->logged_at >= REP_CATCH_UP_LOG_MS) {
+            q->logged_at = now;
+            cf_info("rep: node %" PRIu64 " catching up as standby: replicated %" PRIu64
+                    " of %" PRIu64,
+                    q->id, match, q->target);
+        }
+        return;
+    }
+    uv_timer_stop(&q->timer);
+    cf_info("rep: node %" PRIu64 " caught up (%" PRIu64 "): assigning voter", q->id, match);
+    rv = raft_assign(&r->raft, &q->change, q->id, RAFT_VOTER, change_cb);
+    if (rv != 0) {
+        cf_warn("rep: assign voter to node %" PRIu64 ": %s", q->id, raft_strerror(rv));
+        change_finish(q, rv);
+        return;
+    }
+    /* the timer handle stays open until the request is released */
+}
+
+static void change_finish(struct rep_change_req *q, int status)
+{
+    if (status != 0)
+        cf_warn("rep: membership change for node %" PRIu64 " failed: %s", q->id,
+                raft_strerror(status));
+    else
+        cf_notice("rep: membership change for node %" PRIu64 " committed", q->id);
+    if (q->stage == CH_CATCHUP) uv_timer_stop(&q->timer);
+    q->cb(q->arg, map_status(status));
+    change_release(q);
+}
 
 static void change_cb(struct raft_change *req, int status)
 {
@@ -876,22 +1155,30 @@ static void change_cb(struct raft_change *req, int status)
     struct rep *r = q->rep;
     int rv;
 
-    if (status == 0 && q->stage == 0 && !r->closing) {
-        /* Added as spare: now give it its role (the leader catches a new
-         * voter up before committing the change). */
-        q->stage = 1;
-        rv = raft_assign(&r->raft, &q->change, q->id, q->raft_role, change_cb);
+    if (status == 0 && q->stage == CH_ADD && !r->closing) {
+        /* Added as spare: a standby gets its role now; a voter first
+         * becomes standby and is promoted once caught up. */
+        q->stage = q->raft_role == RAFT_VOTER ? CH_STANDBY : CH_ASSIGN;
+        rv = raft_assign(&r->raft, &q->change, q->id, RAFT_STANDBY, change_cb);
         if (rv == 0) return;
         cf_warn("rep: assign role to node %" PRIu64 ": %s", q->id, raft_strerror(rv));
         status = rv;
+    } else if (status == 0 && q->stage == CH_STANDBY && !r->closing) {
+        q->stage = CH_CATCHUP;
+        q->target = r->raft.commit_index;
+        q->wait_start = q->logged_at = uv_now(r->loop);
+        rv = uv_timer_init(r->loop, &q->timer);
+        if (rv == 0) {
+            q->timer.data = q;
+            rv = uv_timer_start(&q->timer, catchup_tick, 0, REP_CATCH_UP_POLL_MS);
+            if (rv == 0) return;
+            change_finish(q, RAFT_NOMEM);
+            return;
+        }
+        q->stage = CH_STANDBY;
+        status = RAFT_NOMEM;
     }
-    if (status != 0)
-        cf_warn("rep: membership change for node %" PRIu64 " failed: %s", q->id,
-                raft_strerror(status));
-    else
-        cf_notice("rep: membership change for node %" PRIu64 " committed", q->id);
-    q->cb(q->arg, map_status(status));
-    free(q);
+    change_finish(q, status);
 }
 
 static int change_start(struct rep *r, uint64_t id, const char *address, int role, int stage,
@@ -912,7 +1199,7 @@ static int change_start(struct rep *r, uint64_t id, const char *address, int rol
     q->stage = stage;
     q->raft_role = role == REP_ROLE_STANDBY ? RAFT_STANDBY : RAFT_VOTER;
     q->change.data = q;
-    if (stage == 0)
+    if (stage == CH_ADD)
         rv = raft_add(&r->raft, &q->change, id, address, change_cb);
     else
         rv = raft_remove(&r->raft, &q->change, id, change_cb);
@@ -927,12 +1214,12 @@ static int change_start(struct rep *r, uint64_t id, const char *address, int rol
 int rep_add(struct rep *r, uint64_t id, const char *address, int role, rep_propose_cb cb, void *arg)
 {
     if (address == NULL || address[0] == '\0') return REP_EINVAL;
-    return change_start(r, id, address, role, 0, cb, arg);
+    return change_start(r, id, address, role, CH_ADD, cb, arg);
 }
 
 int rep_remove(struct rep *r, uint64_t id, rep_propose_cb cb, void *arg)
 {
-    return change_start(r, id, NULL, 0, 2, cb, arg);
+    return change_start(r, id, NULL, 0, CH_REMOVE, cb, arg);
 }
 
 static void transfer_cb(struct raft_transfer *req)
@@ -1006,6 +1293,7 @@ struct raft_fsm *rep_adapter_fsm(struct rep_fsm_adapter *a)
 void rep_adapter_bind(struct rep_fsm_adapter *a, struct raft *raft)
 {
     ((struct rep *)a)->rp = raft;
+    gate_install((struct rep *)a, raft->io);
 }
 
 int rep_adapter_fatal(const struct rep_fsm_adapter *a)
@@ -1016,6 +1304,7 @@ int rep_adapter_fatal(const struct rep_fsm_adapter *a)
 void rep_adapter_destroy(struct rep_fsm_adapter **a)
 {
     if (a == NULL || *a == NULL) return;
+    gate_remove((struct rep *)*a);
     free(*a);
     *a = NULL;
 }

@@ -42,8 +42,20 @@ struct rep_fsm_ops {
      * entry. *buf_r is malloc()ed, rep frees it. Return 0 or -1. */
     int (*snapshot)(void *fsm, uint64_t index, void **buf_r, size_t *len_r);
     /* Restore from a descriptor (on start, or when the leader installs a
-     * snapshot). `buf` is borrowed. Return 0 or -1 (fatal). */
+     * snapshot). `buf` is borrowed. Return 0; 1 "not yet" (the FSM is
+     * catching up to the descriptor in the background, e.g. fetching a
+     * checkpoint: the install is refused for now and libraft's leader sends
+     * the snapshot again later); or -1 (fatal, logged at CRIT). */
     int (*restore)(void *fsm, const void *buf, size_t len);
+    /* Optional. Called when the leader sends a snapshot (InstallSnapshot),
+     * before libraft acts on it: return 0 to let libraft install it (then
+     * restore must succeed), 1 to drop the message for now (the FSM cannot
+     * restore it yet, e.g. it is still fetching a checkpoint; the leader
+     * sends it again after its install-snapshot timeout). libraft 0.15 must
+     * never see a restore fail during an install: it has already reset its
+     * log to the snapshot by then and does not undo that (the follower would
+     * then apply entries after the snapshot on a stale FSM, or stall). */
+    int (*snapshot_gate)(void *fsm, const void *buf, size_t len);
 };
 
 struct rep_config {
@@ -55,6 +67,9 @@ struct rep_config {
     uint64_t heartbeat_ms;        /* default 100 */
     uint64_t snapshot_threshold;  /* entries between snapshots, default 1024 */
     uint64_t snapshot_trailing;   /* entries kept after a snapshot, default 512 */
+    uint64_t snapshot_bytes;      /* also snapshot once this many entry bytes were applied
+                                     since the last one, and keep at most this many bytes of
+                                     trailing entries after it (0: entries only) */
     uint64_t max_entry_bytes;     /* proposals above this are refused (REP_ETOOBIG) */
 };
 

@@ -4,16 +4,21 @@
  * certificate verified against tls.ca, or the configured admin secret.
  * Writes go through propose_entry() and are answered after commit. */
 #include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <openssl/sha.h>
 
 #include "cf_conn.h"
 #include "cf_frame.h"
+#include "checkpoint.h"
 #include "cf_log.h"
 #include "coffer_raft.pb-c.h"
 #include "cf_pwhash.h"
@@ -63,13 +68,39 @@ struct admin_session {
     uint64_t lmdb_used;
 
     struct store_outcome outcome;
+
+    /* checkpoint stream (CheckpointFetchReq): one 1 MiB read at a time on
+     * the libuv threadpool, the next one once the output queue drained */
+    int ck_fd;
+    int ck_active;
+    int ck_wait_drain;
+    struct ckpt_info ck;
+    uint64_t ck_off;
+    uint8_t *ck_buf;
+    EVP_MD_CTX *ck_md;
+    uv_fs_t ck_req;
 };
 
 static void admin_kick(struct admin_session *s);
 
+static void ck_release(struct admin_session *s)
+{
+    if (s->ck_fd >= 0) {
+        close(s->ck_fd);
+        s->ck_fd = -1;
+    }
+    free(s->ck_buf);
+    s->ck_buf = NULL;
+    EVP_MD_CTX_free(s->ck_md);
+    s->ck_md = NULL;
+    s->ck_active = 0;
+    s->ck_wait_drain = 0;
+}
+
 static void admin_maybe_free(struct admin_session *s)
 {
     if (!s->conn_gone || s->holds > 0) return;
+    ck_release(s);
     cf_frame_dec_free(&s->dec);
     if (s->req) coffer__admin_request__free_unpacked(s->req, NULL);
     if (s->password) {
@@ -607,6 +638,17 @@ static void status_after(uv_work_t *w, int status)
     ns.leader_id = ri.leader_id;
     ns.leader_admin = n->leader_admin;
     ns.state = (char *)(n->state ? n->state : "member");
+    if (n->ckpt != NULL) {
+        struct ckpt_stats cs;
+        ckpt_mgr_stats(n->ckpt, &cs);
+        ns.has_checkpoint_applied = ns.has_checkpoints_installed = 1;
+        ns.has_checkpoints_taken = ns.has_checkpoints_served = 1;
+        ns.checkpoint_applied = cs.newest_applied;
+        ns.checkpoints_installed = cs.installed;
+        ns.checkpoints_taken = cs.taken;
+        ns.checkpoints_served = cs.served;
+        ns.checkpoint_state = (char *)ckpt_mgr_state(n->ckpt);
+    }
     for (size_t i = 0; i < n_rm; i++) {
         Coffer__MemberStatus *m = &ms[i];
         coffer__member_status__init(m);
@@ -905,6 +947,160 @@ static void cmd_node_leave(struct admin_session *s)
     s->n->leave(s->n, "told by cofferctl that it was removed from the group");
 }
 
+/* ---- checkpoint streaming (node to node) ---- */
+
+static void ck_next(struct admin_session *s);
+
+static void ck_send(struct admin_session *s, Coffer__CheckpointChunk *ck)
+{
+    Coffer__AdminResponse r = COFFER__ADMIN_RESPONSE__INIT;
+    r.ok = 1;
+    r.checkpoint = ck;
+    send_response(s, &r);
+}
+
+static void ck_fail(struct admin_session *s, const char *why)
+{
+    cf_warn("admin: checkpoint stream %s to %s stopped: %s", s->ck.name, s->client, why);
+    ck_release(s);
+    reply_err(s, why);
+}
+
+static void ck_read_cb(uv_fs_t *req)
+{
+    struct admin_session *s = req->data;
+    ssize_t n = req->result;
+    Coffer__CheckpointChunk ck = COFFER__CHECKPOINT_CHUNK__INIT;
+
+    uv_fs_req_cleanup(req);
+    s->holds--;
+    if (s->conn_gone || s->closing) {
+        ck_release(s);
+        admin_maybe_free(s);
+        return;
+    }
+    if (n <= 0) {
+        ck_fail(s, n < 0 ? "checkpoint read error" : "checkpoint shorter than its manifest");
+        return;
+    }
+    EVP_DigestUpdate(s->ck_md, s->ck_buf, (size_t)n);
+    ck.has_offset = ck.has_data = 1;
+    ck.offset = s->ck_off;
+    ck.data.data = s->ck_buf;
+    ck.data.len = (size_t)n;
+    ck_send(s, &ck);
+    s->ck_off += (uint64_t)n;
+    ck_next(s);
+}
+
+static void ck_next(struct admin_session *s)
+{
+    Coffer__CheckpointChunk ck = COFFER__CHECKPOINT_CHUNK__INIT;
+    unsigned char h[32];
+    unsigned hl = 0;
+    char hex[65];
+    uv_buf_t b;
+    size_t want;
+
+    if (s->conn_gone || s->closing) return;
+    if (cf_conn_out_pending(s->c) > CF_CONN_OUT_HIGH) {
+        s->ck_wait_drain = 1; /* on_drain calls back */
+        return;
+    }
+    if (s->ck_off >= s->ck.size) {
+        if (EVP_DigestFinal_ex(s->ck_md, h, &hl) != 1 || hl != 32) {
+            ck_fail(s, "sha256 failed");
+            return;
+        }
+        for (int i = 0; i < 32; i++)
+            snprintf(hex + 2 * i, 3, "%02x", h[i]);
+        if (strcmp(hex, s->ck.sha256) != 0) {
+            ckpt_mgr_bad(s->n->ckpt, s->ck.name, "checksum mismatch while serving");
+            ck_release(s);
+            reply_err(s, "checkpoint failed its checksum on the server; deleted, try again later");
+            return;
+        }
+        ck.has_last = 1;
+        ck.last = 1;
+        ck.sha256 = hex;
+        ckpt_mgr_served(s->n->ckpt);
+        cf_notice("admin: streamed checkpoint %s (%" PRIu64 " bytes) to %s", s->ck.name, s->ck.size,
+                  s->client);
+        ck_release(s);
+        {
+            Coffer__AdminResponse r = COFFER__ADMIN_RESPONSE__INIT;
+            r.ok = 1;
+            r.checkpoint = &ck;
+            finish(s, &r);
+        }
+        return;
+    }
+    want = s->ck.size - s->ck_off > CKPT_CHUNK ? CKPT_CHUNK : (size_t)(s->ck.size - s->ck_off);
+    b = uv_buf_init((char *)s->ck_buf, (unsigned)want);
+    s->ck_req.data = s;
+    if (uv_fs_read(s->n->loop, &s->ck_req, s->ck_fd, &b, 1, (int64_t)s->ck_off, ck_read_cb) != 0) {
+        ck_fail(s, "cannot queue a checkpoint read");
+        return;
+    }
+    s->holds++;
+}
+
+static void cmd_checkpoint_fetch(struct admin_session *s)
+{
+    const Coffer__CheckpointFetchReq *q = s->req->checkpoint_fetch;
+    Coffer__CheckpointChunk ck = COFFER__CHECKPOINT_CHUNK__INIT;
+    uint8_t gid[16];
+    char hex[33], path[4200], msg[160];
+
+    if (s->n->ckpt == NULL) {
+        reply_err(s, "this node keeps no checkpoints");
+        return;
+    }
+    store_group_id(s->n->store, gid);
+    for (int i = 0; i < 16; i++)
+        snprintf(hex + 2 * i, 3, "%02x", gid[i]);
+    if (q->group_id == NULL || strcmp(q->group_id, hex) != 0) {
+        reply_err(s, "checkpoint of another group requested");
+        return;
+    }
+    if (ckpt_mgr_newest(s->n->ckpt, q->min_applied, &s->ck) != 0) {
+        snprintf(msg, sizeof msg, "no checkpoint at or beyond index %" PRIu64 " here yet",
+                 (uint64_t)q->min_applied);
+        reply_err(s, msg);
+        return;
+    }
+    snprintf(path, sizeof path, "%s/%s", ckpt_mgr_dir(s->n->ckpt), s->ck.name);
+    s->ck_fd = open(path, O_RDONLY | O_CLOEXEC);
+    s->ck_buf = malloc(CKPT_CHUNK);
+    s->ck_md = EVP_MD_CTX_new();
+    if (s->ck_fd < 0 || s->ck_buf == NULL || s->ck_md == NULL ||
+        EVP_DigestInit_ex(s->ck_md, EVP_sha256(), NULL) != 1) {
+        ck_release(s);
+        reply_err(s, "cannot open the checkpoint");
+        return;
+    }
+    s->ck_active = 1;
+    s->ck_off = 0;
+    cf_info("admin: streaming checkpoint %s (applied %" PRIu64 ", %" PRIu64 " bytes) to %s",
+            s->ck.name, s->ck.applied, s->ck.size, s->client);
+    ck.name = s->ck.name;
+    ck.has_size = ck.has_applied = 1;
+    ck.size = s->ck.size;
+    ck.applied = s->ck.applied;
+    ck.sha256 = s->ck.sha256;
+    ck_send(s, &ck);
+    ck_next(s);
+}
+
+static void on_drain(struct cf_conn *c, void *data)
+{
+    struct admin_session *s = data;
+    (void)c;
+    if (s == NULL || !s->ck_active || !s->ck_wait_drain) return;
+    s->ck_wait_drain = 0;
+    ck_next(s);
+}
+
 /* ---- dispatch ---- */
 
 static void handle_request(struct admin_session *s)
@@ -1018,6 +1214,9 @@ static void handle_request(struct admin_session *s)
     case COFFER__ADMIN_REQUEST__CMD_NODE_LEAVE:
         cmd_node_leave(s);
         return;
+    case COFFER__ADMIN_REQUEST__CMD_CHECKPOINT_FETCH:
+        cmd_checkpoint_fetch(s);
+        return;
     default:
         reply_err(s, "unknown command");
         return;
@@ -1094,6 +1293,7 @@ static void on_close(struct cf_conn *c, void *data, const char *reason)
 
 static const struct cf_conn_ops admin_ops = {
     .on_read = on_read,
+    .on_drain = on_drain,
     .on_close = on_close,
 };
 
@@ -1106,6 +1306,7 @@ void admin_accept(struct node *n, uv_stream_t *server)
         return;
     }
     s->n = n;
+    s->ck_fd = -1;
     cf_frame_dec_init(&s->dec, CF_FRAME_MAX_DEFAULT);
     if (n->admin_tls == NULL) {
         cf_error("admin: no TLS context; refusing connection");

@@ -23,6 +23,7 @@
 #include "cf_conn.h"
 #include "cf_log.h"
 #include "cf_tls.h"
+#include "checkpoint.h"
 #include "coffer_raft.pb-c.h"
 #include "listeners.h"
 #include "node.h"
@@ -576,6 +577,7 @@ static void ready_timer_cb(uv_timer_t *t)
     struct daemon *d = t->data;
 
     if (d->stopping) return;
+    ckpt_mgr_poll(d->n.ckpt);
     check_ready(d);
     if (!rep_is_started(d->n.rep)) return;
     identity_update(d);
@@ -930,6 +932,18 @@ int main(int argc, char **argv)
         }
     }
 
+    {
+        struct ckpt_mgr_config cc;
+        memset(&cc, 0, sizeof cc);
+        snprintf(path, sizeof path, "%s/checkpoints", d->cfg.data_dir);
+        cc.dir = path;
+        cc.keep = (unsigned)d->cfg.checkpoints_kept;
+        cc.ca_file = d->cfg.tls_ca;
+        cc.secret = d->cfg.admin_secret;
+        d->n.ckpt = ckpt_mgr_create(d->n.store, &cc, err, sizeof err);
+        if (d->n.ckpt == NULL) goto fail_msg_store;
+    }
+
     rv = uv_loop_init(&d->loop);
     if (rv != 0) {
         snprintf(err, sizeof err, "uv_loop_init: %s", uv_strerror(rv));
@@ -958,6 +972,7 @@ int main(int argc, char **argv)
     rc.heartbeat_ms = d->cfg.heartbeat_ms;
     rc.snapshot_threshold = d->cfg.snapshot_threshold;
     rc.snapshot_trailing = d->cfg.snapshot_trailing;
+    rc.snapshot_bytes = d->cfg.snapshot_bytes;
     rc.max_entry_bytes = d->cfg.max_message + d->cfg.max_message / 2 + ENTRY_OVERHEAD;
     d->n.rep = rep_create(&d->loop, &rc, &node_fsm_ops, &d->n, err, sizeof err);
     if (d->n.rep == NULL) goto fail_loop;
@@ -1013,6 +1028,7 @@ teardown:
     uv_run(&d->loop, UV_RUN_DEFAULT);
     if (d->rep_closed) rep_destroy(&d->n.rep);
     if (uv_loop_close(&d->loop) != 0) cf_warn("event loop still had handles at exit");
+    ckpt_mgr_destroy(&d->n.ckpt);
     store_close(&d->n.store);
     free_tls(d);
     sconf_free(&d->cfg);
@@ -1020,6 +1036,7 @@ teardown:
     return exit_code;
 
 fail_msg_store:
+    ckpt_mgr_destroy(&d->n.ckpt);
     store_close(&d->n.store);
 fail_msg:
     cf_error("%s", err);

@@ -41,6 +41,11 @@ struct node {
     void (*leave)(struct node *n, const char *why);
     /* "uninitialised", "member" or "removed" */
     const char *state;
+    /* On-disk checkpoints (storenode/checkpoint.h): taken when libraft
+     * snapshots, installed when the store is behind a snapshot, served to
+     * peers over the admin RPC. NULL: snapshots are descriptors only and a
+     * store behind one is refused (tests without a checkpoint directory). */
+    struct ckpt_mgr *ckpt;
 };
 
 /* The FSM plugged into replication; fsm data = struct node * (uses

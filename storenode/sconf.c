@@ -32,6 +32,8 @@ static const char *const known_keys[][2] = {
     {"raft", "heartbeat"},
     {"raft", "snapshot_threshold"},
     {"raft", "snapshot_trailing"},
+    {"raft", "snapshot_bytes"},
+    {"raft", "checkpoints_kept"},
     {"lmdb", "map_size"},
     {"tls", "cert"},
     {"tls", "key"},
@@ -119,8 +121,10 @@ void sconf_defaults(struct sconf *c)
     c->raft_bootstrap = 1;
     c->election_timeout_ms = 1000;
     c->heartbeat_ms = 100;
-    c->snapshot_threshold = 1024;
+    c->snapshot_threshold = 16384;
     c->snapshot_trailing = 512;
+    c->snapshot_bytes = 256 * MIB;
+    c->checkpoints_kept = 2;
     c->map_size = 64 * GIB;
     c->tls_cert = NULL;
     c->tls_key = NULL;
@@ -353,7 +357,8 @@ static int validate(struct sconf *c, char *err, size_t errlen)
                   errlen) ||
         /* 0 is refused: libraft 0.15 treats trailing 0 like an installed
          * snapshot and drops log entries appended after the snapshot. */
-        range_u64("raft", "snapshot_trailing", c->snapshot_trailing, 1, UINT32_MAX, err, errlen))
+        range_u64("raft", "snapshot_trailing", c->snapshot_trailing, 1, UINT32_MAX, err, errlen) ||
+        range_u64("raft", "checkpoints_kept", c->checkpoints_kept, 1, 100, err, errlen))
         return -1;
     if (c->heartbeat_ms >= c->election_timeout_ms) {
         snprintf(err, errlen,
@@ -448,6 +453,8 @@ int sconf_load(const char *path, struct sconf *c, char *err, size_t errlen)
     TYPED(cf_config_ms, "raft", "heartbeat", heartbeat_ms);
     TYPED(cf_config_u64, "raft", "snapshot_threshold", snapshot_threshold);
     TYPED(cf_config_u64, "raft", "snapshot_trailing", snapshot_trailing);
+    TYPED(cf_config_size, "raft", "snapshot_bytes", snapshot_bytes);
+    TYPED(cf_config_u64, "raft", "checkpoints_kept", checkpoints_kept);
     TYPED(cf_config_size, "lmdb", "map_size", map_size);
     STR("tls", "cert", tls_cert, 1);
     STR("tls", "key", tls_key, 1);

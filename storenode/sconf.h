@@ -18,8 +18,11 @@ struct sconf {
     int raft_bootstrap;           /* raft.bootstrap, default yes */
     uint64_t election_timeout_ms; /* raft.election_timeout, default 1s */
     uint64_t heartbeat_ms;        /* raft.heartbeat, default 100ms */
-    uint64_t snapshot_threshold;  /* raft.snapshot_threshold, default 1024 */
+    uint64_t snapshot_threshold;  /* raft.snapshot_threshold, default 16384 */
     uint64_t snapshot_trailing;   /* raft.snapshot_trailing, default 512 */
+    uint64_t snapshot_bytes;      /* raft.snapshot_bytes: also snapshot after this many entry
+                                     bytes (0 = entries only), default 256M */
+    uint64_t checkpoints_kept;    /* raft.checkpoints_kept: complete checkpoints kept, default 2 */
     /* [lmdb] */
     uint64_t map_size; /* lmdb.map_size, default 64G (sparse) */
     /* [tls] */

@@ -39,7 +39,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "cf_log.h"
 #include "coffer_raft.pb-c.h"
@@ -368,29 +370,24 @@ static int meta_get_u64(MDB_txn *txn, MDB_dbi dbi, const char *key, uint64_t *v_
     return r.err ? MDB_CORRUPTED : 0;
 }
 
-int store_open(const char *dir, uint64_t map_size, struct store **st_r, char *err, size_t errlen)
+/* Open st->env on st->dir and load the cached meta values. On failure
+ * st->env is NULL and err says why. */
+static int store_env_open(struct store *st, char *err, size_t errlen)
 {
-    struct store *st = calloc(1, sizeof(*st));
     MDB_txn *txn = NULL;
     int rc;
     const char *what = "";
+    const char *dir = st->dir;
 
-    *st_r = NULL;
-    if (!st) {
-        snprintf(err, errlen, "out of memory");
-        return -1;
-    }
-    if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
-        snprintf(err, errlen, "mkdir %s: %s", dir, strerror(errno));
-        free(st);
-        return -1;
-    }
+    st->applied = 0;
+    memset(st->group_id, 0, sizeof st->group_id);
     what = "mdb_env_create";
     if ((rc = mdb_env_create(&st->env))) goto fail;
+    mdb_env_set_userctx(st->env, st);
     what = "mdb_env_set_maxdbs";
     if ((rc = mdb_env_set_maxdbs(st->env, 16))) goto fail;
     what = "mdb_env_set_mapsize";
-    if ((rc = mdb_env_set_mapsize(st->env, (size_t)map_size))) goto fail;
+    if ((rc = mdb_env_set_mapsize(st->env, (size_t)st->map_size))) goto fail;
     what = "mdb_env_set_maxreaders";
     if ((rc = mdb_env_set_maxreaders(st->env, 512))) goto fail;
     what = "mdb_env_open";
@@ -440,7 +437,6 @@ int store_open(const char *dir, uint64_t map_size, struct store **st_r, char *er
     rc = mdb_txn_commit(txn);
     txn = NULL;
     if (rc) goto fail;
-    *st_r = st;
     return 0;
 
 fail:
@@ -448,8 +444,121 @@ fail:
 fail_noerr:
     if (txn) mdb_txn_abort(txn);
     if (st->env) mdb_env_close(st->env);
-    free(st);
+    st->env = NULL;
     return -1;
+}
+
+int store_open(const char *dir, uint64_t map_size, struct store **st_r, char *err, size_t errlen)
+{
+    struct store *st = calloc(1, sizeof(*st));
+
+    *st_r = NULL;
+    if (!st) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
+        snprintf(err, errlen, "mkdir %s: %s", dir, strerror(errno));
+        free(st);
+        return -1;
+    }
+    st->dir = strdup(dir);
+    st->map_size = map_size;
+    if (st->dir == NULL) {
+        snprintf(err, errlen, "out of memory");
+        free(st);
+        return -1;
+    }
+    pthread_mutex_init(&st->rlock, NULL);
+    pthread_cond_init(&st->rcond, NULL);
+    if (store_env_open(st, err, errlen) != 0) {
+        pthread_mutex_destroy(&st->rlock);
+        pthread_cond_destroy(&st->rcond);
+        free(st->dir);
+        free(st);
+        return -1;
+    }
+    *st_r = st;
+    return 0;
+}
+
+const char *store_dir(const struct store *st)
+{
+    return st->dir;
+}
+
+uint64_t store_map_size(const struct store *st)
+{
+    return st->map_size;
+}
+
+unsigned store_readers(struct store *st)
+{
+    unsigned n;
+    pthread_mutex_lock(&st->rlock);
+    n = st->readers;
+    pthread_mutex_unlock(&st->rlock);
+    return n;
+}
+
+static void fsync_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY);
+    if (fd >= 0) {
+        fsync(fd);
+        close(fd);
+    }
+}
+
+int store_replace(struct store *st, const char *path, char *err, size_t errlen)
+{
+    char data[4200], lock[4200], old[4200];
+    int rc = 0;
+
+    pthread_mutex_lock(&st->rlock);
+    if (st->readers > 0) {
+        pthread_mutex_unlock(&st->rlock);
+        return 1;
+    }
+    st->swapping = 1;
+    pthread_mutex_unlock(&st->rlock);
+
+    snprintf(data, sizeof data, "%s/data.mdb", st->dir);
+    snprintf(lock, sizeof lock, "%s/lock.mdb", st->dir);
+    snprintf(old, sizeof old, "%s/data.mdb.replaced", st->dir);
+    mdb_env_sync(st->env, 1);
+    mdb_env_close(st->env);
+    st->env = NULL;
+    /* Keep the old file until the new one opened, so a failure can go
+     * back to it. */
+    if (rename(data, old) != 0 && errno != ENOENT) {
+        snprintf(err, errlen, "rename %s: %s", data, strerror(errno));
+        rc = -1;
+    } else if (rename(path, data) != 0) {
+        snprintf(err, errlen, "rename %s to %s: %s", path, data, strerror(errno));
+        if (rename(old, data) != 0) cf_crit("store: cannot restore %s: %s", data, strerror(errno));
+        rc = -1;
+    }
+    unlink(lock);
+    fsync_dir(st->dir);
+    if (store_env_open(st, err, errlen) != 0) {
+        cf_crit("store: cannot open the replaced store: %s", err);
+        rc = -1;
+        if (rename(old, data) == 0) {
+            char e2[256];
+            if (store_env_open(st, e2, sizeof e2) != 0) cf_crit("store: reopening: %s", e2);
+        }
+    } else if (rc == 0) {
+        unlink(old);
+        fsync_dir(st->dir);
+    }
+    st->nodes_version++;
+    pthread_mutex_lock(&st->rlock);
+    st->swapping = 0;
+    pthread_cond_broadcast(&st->rcond);
+    pthread_mutex_unlock(&st->rlock);
+    if (st->env == NULL) return -1;
+    return rc;
 }
 
 static void copy_str(char *dst, size_t cap, const char *s)
@@ -533,8 +642,13 @@ void store_close(struct store **stp)
             w = n;
         }
     }
-    mdb_env_sync(st->env, 1);
-    mdb_env_close(st->env);
+    if (st->env) {
+        mdb_env_sync(st->env, 1);
+        mdb_env_close(st->env);
+    }
+    pthread_mutex_destroy(&st->rlock);
+    pthread_cond_destroy(&st->rcond);
+    free(st->dir);
     free(st);
     *stp = NULL;
 }
@@ -656,9 +770,19 @@ void store__notify(struct store *st, const struct store_change *ch)
 MDB_txn *store_rtxn_begin(struct store *st)
 {
     MDB_txn *txn = NULL;
-    int rc = mdb_txn_begin(st->env, NULL, MDB_RDONLY, &txn);
+    int rc;
+
+    pthread_mutex_lock(&st->rlock);
+    while (st->swapping)
+        pthread_cond_wait(&st->rcond, &st->rlock);
+    st->readers++;
+    pthread_mutex_unlock(&st->rlock);
+    rc = st->env ? mdb_txn_begin(st->env, NULL, MDB_RDONLY, &txn) : EINVAL;
     if (rc) {
         cf_error("store: read txn: %s", mdb_strerror(rc));
+        pthread_mutex_lock(&st->rlock);
+        st->readers--;
+        pthread_mutex_unlock(&st->rlock);
         return NULL;
     }
     return txn;
@@ -666,7 +790,16 @@ MDB_txn *store_rtxn_begin(struct store *st)
 
 void store_rtxn_end(MDB_txn *txn)
 {
-    if (txn) mdb_txn_abort(txn);
+    struct store *st;
+
+    if (!txn) return;
+    st = mdb_env_get_userctx(mdb_txn_env(txn));
+    mdb_txn_abort(txn);
+    if (st != NULL) {
+        pthread_mutex_lock(&st->rlock);
+        st->readers--;
+        pthread_mutex_unlock(&st->rlock);
+    }
 }
 
 /* Map an LMDB get result: 0, STORE_ENOENT or -1 (logged). */

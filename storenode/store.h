@@ -39,6 +39,7 @@
 #define STORE_H
 
 #include <lmdb.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -127,6 +128,21 @@ uint64_t store_applied_index(struct store *st);
 void store_group_id(struct store *st, uint8_t out[16]);
 /* Force LMDB data to disk (before a snapshot lets raft drop log entries). */
 int store_sync(struct store *st);
+/* Directory of the LMDB environment and its configured map size. */
+const char *store_dir(const struct store *st);
+uint64_t store_map_size(const struct store *st);
+
+/* Replace the whole store with the LMDB file `path` (a verified checkpoint,
+ * see checkpoint.h), loop thread only: closes the environment, renames the
+ * file over data_dir/lmdb/data.mdb and reopens it (fast: no copy). Waiters
+ * and watchers are kept. Refused (1, nothing changed) while any read
+ * transaction from store_rtxn_begin is open on any thread (they are
+ * counted; new ones wait for the few milliseconds of the swap). Returns 0,
+ * 1 (busy: try again later) or -1 with err (the store may be unusable: the
+ * caller must stop). */
+int store_replace(struct store *st, const char *path, char *err, size_t errlen);
+/* Read transactions currently open through store_rtxn_begin. */
+unsigned store_readers(struct store *st);
 
 /* ---- state machine ---- */
 
@@ -173,7 +189,9 @@ void store_unwatch(struct store *st, struct store_watcher *w);
 
 /* ---- reads ---- */
 
-/* Begin a read-only transaction (any thread). NULL on failure. */
+/* Begin a read-only transaction (any thread). NULL on failure. Every
+ * transaction begun here must be ended with store_rtxn_end (it is counted:
+ * store_replace waits for none to be open). */
 MDB_txn *store_rtxn_begin(struct store *st);
 void store_rtxn_end(MDB_txn *txn);
 
@@ -302,6 +320,12 @@ struct store_waiter {
 
 struct store {
     MDB_env *env;
+    char *dir;
+    uint64_t map_size;
+    pthread_mutex_t rlock; /* readers, swapping */
+    pthread_cond_t rcond;
+    unsigned readers;
+    int swapping;
     MDB_dbi meta, users, userids, mbnames, mailboxes, msgs, blobs, blobmeta, subs, acl, requests,
         reqlog, modseq, nodes;
     uint64_t nodes_version;

@@ -10,11 +10,26 @@
   - the disk's fdatasync rate (4 KiB writes) in the group's data dir, measured
     in the same run, so the ratio to the physical limit shows.
 
+With --checkpoint-gib N (issue 3, a separate run): memory of checkpoints on
+a store of N GiB. Two voters are filled with N GiB of 50 MiB APPENDs
+(raft.snapshot_bytes makes libraft snapshot every --snapshot-mib of entry
+bytes, each snapshot starts a checkpoint copy on a worker thread); then a
+third, empty node is added: it is behind the compacted log, so it fetches
+the newest checkpoint as a stream and installs it. /proc/PID/status is
+sampled every 50 ms: peak VmRSS split into RssAnon (heap: what the process
+itself holds) and RssFile (pages of the LMDB map and files, page cache that
+the kernel can drop), for the leader while it writes checkpoints and while
+it serves one, and for the new node while it fetches and installs. The
+term is checked at the end (no election while checkpoints are written or
+served).
+
 Usage: COFFER_BUILD_DIR=build python3 tests/bench/replication.py [--seconds 10]
        [--kills 20] [--clients 1,8,64]
+       COFFER_BUILD_DIR=build python3 tests/bench/replication.py --checkpoint-gib 2
 """
 
 import argparse
+import glob
 import os
 import statistics
 import sys
@@ -130,12 +145,167 @@ def rss_kb(pid):
     return 0
 
 
+def proc_mem(pid):
+    """(VmRSS, RssAnon, RssFile) in KiB, or None when the process is gone."""
+    out = {}
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                k = line.split(":")[0]
+                if k in ("VmRSS", "RssAnon", "RssFile"):
+                    out[k] = int(line.split()[1])
+    except OSError:
+        return None
+    return out.get("VmRSS", 0), out.get("RssAnon", 0), out.get("RssFile", 0)
+
+
+class MemSampler(threading.Thread):
+    """Samples processes every 50 ms; peaks are kept per (pid, phase)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.pids = {}
+        self.phase = "start"
+        self.peaks = {}
+        self.stop_ev = threading.Event()
+
+    def run(self):
+        while not self.stop_ev.is_set():
+            for name, pid in list(self.pids.items()):
+                m = proc_mem(pid)
+                if m is None:
+                    continue
+                key = (name, self.phase)
+                old = self.peaks.get(key, (0, 0, 0))
+                self.peaks[key] = tuple(max(a, b) for a, b in zip(old, m))
+            time.sleep(0.05)
+
+
+def big_message(k, size):
+    head = (b"From: b@coffer.test\r\nSubject: big %d\r\nMessage-ID: <big-%d@coffer.test>\r\n"
+            b"\r\n" % (k, k))
+    line = (b"%08d " % k) + b"z" * 68 + b"\r\n"
+    return head + line * ((size - len(head)) // len(line))
+
+
+def checkpoint_bench(a):
+    size = 50 * 1024 * 1024 - 64 * 1024
+    count = int(a.checkpoint_gib * 1024 * 1024 * 1024 // size) + 1
+    if a.snapshot_threshold <= count + 4:
+        raise SystemExit("--snapshot-threshold must exceed the %d filling APPENDs" % count)
+    c = h.Cluster(2, "bench-ckpt", config={
+        "node.log_level": "info",
+        "raft.election_timeout": "5s",
+        "raft.heartbeat": "250ms",
+        "raft.snapshot_threshold": str(a.snapshot_threshold),
+        "raft.snapshot_trailing": "4",
+        "raft.snapshot_bytes": "%dM" % a.snapshot_mib,
+        "lmdb.map_size": "%dG" % (int(a.checkpoint_gib) * 2 + 4),
+    })
+    sampler = MemSampler()
+    try:
+        c.form()
+        leader = c.leader()
+        term0 = leader.status()["term"]
+        for n in c.live():
+            sampler.pids["node%d" % n.id] = n.pid
+        sampler.start()
+        sampler.phase = "fill"
+        conn = c.login(leader, timeout=120)
+        t0 = time.monotonic()
+        for k in range(count):
+            _, t = conn.command("APPEND INBOX ", ch.Lit(big_message(k, size)), timeout=600)
+            if not ch.ok(t):
+                raise AssertionError(t)
+        conn.close()
+        fill = time.monotonic() - t0
+        print("filled %d x %.1f MiB = %.2f GiB in %.0f s (%.1f MiB/s replicated)" % (
+            count, size / 1048576, count * size / 1073741824, fill, count * size / 1048576 / fill))
+        # wait until the leader's checkpoint covers its last snapshot
+        sampler.phase = "checkpoint"
+        deadline = time.monotonic() + 1800
+        while True:
+            st = leader.status(timeout=300)
+            if st and st["checkpoint_state"] == "idle" and st["checkpoint_applied"] >= \
+                    st["last_snapshot"] > 0:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError("no checkpoint: %r" % st)
+            time.sleep(2)
+        # the writer alone: a quiet baseline, then a few small APPENDs reach
+        # raft.snapshot_threshold and one more checkpoint of the whole store
+        # is written while the sampler watches
+        sampler.phase = "quiet"
+        time.sleep(3)
+        sampler.phase = "take"
+        snap0 = st["last_snapshot"]
+        conn = c.login(leader, timeout=120)
+        k = 0
+        while True:
+            k += 1
+            _, t = conn.command("APPEND INBOX ", ch.Lit(big_message(10000 + k, 4096)), timeout=60)
+            if not ch.ok(t):
+                raise AssertionError(t)
+            if k % 5 == 0:
+                st = leader.status(timeout=300)
+                if st["last_snapshot"] > snap0:
+                    break
+            if k > 2 * a.snapshot_threshold:
+                raise AssertionError("no snapshot after %d small APPENDs" % k)
+        conn.close()
+        while True:
+            st = leader.status(timeout=300)
+            if st and st["checkpoint_state"] == "idle" and st["checkpoint_applied"] >= \
+                    st["last_snapshot"]:
+                break
+            time.sleep(2)
+        sampler.phase = "settled"
+        ck = sorted(glob.glob(os.path.join(leader.data_dir, "checkpoints", "ckpt-*.mdb")))[-1]
+        print("leader: %d checkpoints written, newest %s: %.2f GiB" % (
+            st["checkpoints_taken"], os.path.basename(ck), os.path.getsize(ck) / 1073741824))
+        for line in leader.log().splitlines():
+            if b"checkpoint: wrote" in line:
+                print("  " + line.decode(errors="replace").split(": ", 2)[-1])
+        # a new node: fetch + install
+        n3 = c.add_node_object(3)
+        n3.start()
+        sampler.pids["node3"] = n3.pid
+        sampler.phase = "install"
+        t0 = time.monotonic()
+        leader.ctl("node", "add", n3.admin_address, timeout=3600)
+        n3.wait_log(rb"checkpoint: installed", 3600)
+        inst = time.monotonic() - t0
+        n3.wait_log(rb"coffer-store ready:", 600)
+        sampler.phase = "after"
+        for line in n3.log().splitlines():
+            if b"checkpoint: fetched" in line or b"checkpoint: installed" in line:
+                print("  node3 " + line.decode(errors="replace").split(": ", 2)[-1])
+        print("node 3 added and installed in %.0f s" % inst)
+        time.sleep(1)
+        sampler.stop_ev.set()
+        sampler.join(2)
+        for (name, phase), (rss, anon, fil) in sorted(sampler.peaks.items()):
+            print("%-6s %-10s peak VmRSS %7.0f MiB  RssAnon %6.0f MiB  RssFile %7.0f MiB" % (
+                name, phase, rss / 1024, anon / 1024, fil / 1024))
+        terms = {n.id: (n.status(timeout=300) or {}).get("term") for n in c.live()}
+        print("terms at the end: %r (start %d)" % (terms, term0))
+    finally:
+        sampler.stop_ev.set()
+        c.close(check=False)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--clients", default="1,8,64")
+    ap.add_argument("--checkpoint-gib", type=float, default=0)
+    ap.add_argument("--snapshot-mib", type=int, default=1024)
+    ap.add_argument("--snapshot-threshold", type=int, default=64)
     a = ap.parse_args()
+    if a.checkpoint_gib > 0:
+        checkpoint_bench(a)
+        return
     c = h.Cluster(3, "bench-repl", config={"node.log_level": "warn"})
     try:
         c.form()

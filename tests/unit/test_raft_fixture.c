@@ -3,7 +3,9 @@
  * rep's FSM glue (entry frames, log index derivation) and the store node's
  * FSM (node_fsm_ops: store_apply, snapshot descriptor, restore check).
  * Covers election, apply, failover with a killed leader, snapshots taken by
- * libraft, and the restore refusal of a store that is behind. */
+ * libraft, the restore refusal of a store that is behind (no checkpoint
+ * directory), and the install of a checkpoint through libraft's retried
+ * InstallSnapshot (a corrupt local checkpoint is refused first). */
 #include <CUnit/Basic.h>
 #include <raft.h>
 #include <raft/fixture.h>
@@ -13,6 +15,7 @@
 #include <unistd.h>
 
 #include "cf_log.h"
+#include "checkpoint.h"
 #include "coffer_raft.pb-c.h"
 #include "node.h"
 #include "propose.h"
@@ -25,6 +28,7 @@ static struct raft_fixture fx;
 static struct node nodes[N];
 static struct rep_fsm_adapter *ad[N];
 static char dirs[N][64];
+static char ckdirs[N][96];
 static uint8_t group[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
 static int applied_cbs, failed_cbs;
 static int seq;
@@ -36,7 +40,14 @@ static void rm_rf(const char *d)
     if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", d);
 }
 
+static int setup_fixture_ck(unsigned threshold, unsigned trailing, int with_ckpt);
+
 static int setup_fixture(unsigned threshold, unsigned trailing)
+{
+    return setup_fixture_ck(threshold, trailing, 0);
+}
+
+static int setup_fixture_ck(unsigned threshold, unsigned trailing, int with_ckpt)
 {
     struct raft_configuration conf;
     char err[256];
@@ -52,11 +63,21 @@ static int setup_fixture(unsigned threshold, unsigned trailing)
             fprintf(stderr, "store_open: %s\n", err);
             return -1;
         }
+        if (with_ckpt) {
+            struct ckpt_mgr_config cc;
+            memset(&cc, 0, sizeof cc);
+            snprintf(ckdirs[i], sizeof ckdirs[i], "%s/checkpoints", dirs[i]);
+            cc.dir = ckdirs[i];
+            cc.keep = 2;
+            nodes[i].ckpt = ckpt_mgr_create(nodes[i].store, &cc, err, sizeof err);
+            if (nodes[i].ckpt == NULL) return -1;
+        }
         ad[i] = rep_adapter_create(&node_fsm_ops, &nodes[i]);
         if (ad[i] == NULL || raft_fixture_grow(&fx, rep_adapter_fsm(ad[i])) != 0) return -1;
         rep_adapter_bind(ad[i], raft_fixture_get(&fx, i));
         raft_set_snapshot_threshold(raft_fixture_get(&fx, i), threshold);
         raft_set_snapshot_trailing(raft_fixture_get(&fx, i), trailing);
+        raft_set_install_snapshot_timeout(raft_fixture_get(&fx, i), 500);
     }
     raft_configuration_init(&conf);
     if (raft_fixture_configuration(&fx, N, &conf) != 0) return -1;
@@ -72,6 +93,7 @@ static void teardown_fixture(void)
     unsigned i;
     raft_fixture_close(&fx);
     for (i = 0; i < N; i++) {
+        ckpt_mgr_destroy(&nodes[i].ckpt);
         store_close(&nodes[i].store);
         rep_adapter_destroy(&ad[i]);
         rm_rf(dirs[i]);
@@ -304,6 +326,118 @@ static void test_snapshot_and_restore(void)
     teardown_fixture();
 }
 
+/* Step the fixture while letting checkpoint workers (real threads) run,
+ * until server i applied `index` (its store reached it) or `ms` of virtual
+ * time passed. */
+static int step_with_workers(unsigned i, uint64_t index, unsigned ms)
+{
+    unsigned t, k;
+    for (t = 0; t < ms; t += 50) {
+        raft_fixture_step_until_elapsed(&fx, 50);
+        for (k = 0; k < N; k++)
+            ckpt_mgr_wait(nodes[k].ckpt);
+        if (store_applied_index(nodes[i].store) >= index &&
+            raft_last_applied(raft_fixture_get(&fx, i)) >= index)
+            return 1;
+    }
+    return 0;
+}
+
+static void test_checkpoint_install(void)
+{
+    unsigned l = 0, k;
+    char cmd[512], path[200];
+    struct ckpt_info ci;
+    struct ckpt_stats cs;
+    uint64_t behind, target;
+
+    CU_ASSERT_FATAL(setup_fixture_ck(8, 4, 1) == 0);
+    raft_fixture_elect(&fx, 0);
+    propose_group(l);
+    propose_user(l);
+    for (k = 0; k < 10; k++)
+        propose_append(l, (int)k);
+    CU_ASSERT_TRUE(raft_fixture_step_until_applied(&fx, N, last_index(l), 10000));
+    for (k = 0; k < N; k++)
+        ckpt_mgr_wait(nodes[k].ckpt);
+
+    /* node 2 is cut off while the others compact their logs */
+    raft_fixture_disconnect(&fx, 0, 2);
+    raft_fixture_disconnect(&fx, 1, 2);
+    behind = store_applied_index(nodes[2].store);
+    for (k = 30; k < 70; k++)
+        propose_append(l, (int)k);
+    CU_ASSERT_TRUE(raft_fixture_step_until_applied(&fx, 1, last_index(l), 10000));
+    for (k = 0; k < N; k++)
+        ckpt_mgr_wait(nodes[k].ckpt);
+    CU_ASSERT_FATAL(raft_fixture_get(&fx, 0)->log.snapshot.last_index > behind + 4);
+    /* the leader wrote checkpoints of its snapshots off the loop */
+    ckpt_mgr_stats(nodes[0].ckpt, &cs);
+    CU_ASSERT(cs.taken >= 2);
+    CU_ASSERT_EQUAL_FATAL(ckpt_mgr_newest(nodes[0].ckpt, 0, &ci), 0);
+    CU_ASSERT(ci.applied >= raft_fixture_get(&fx, 0)->log.snapshot.last_index);
+
+    /* There is no admin RPC in the fixture: put a tampered copy of the
+     * leader's checkpoint where a fetch would leave it. It is refused
+     * (deleted) and the store stays behind. */
+    snprintf(cmd, sizeof cmd, "cp '%s/%s' '%s/%s.manifest' '%s/'", ckdirs[0], ci.name, ckdirs[0],
+             ci.name, ckdirs[2]);
+    CU_ASSERT_FATAL(system(cmd) == 0);
+    snprintf(path, sizeof path, "%s/%s", ckdirs[2], ci.name);
+    {
+        FILE *f = fopen(path, "r+b");
+        int c;
+        CU_ASSERT_FATAL(f != NULL);
+        fseek(f, 4096 + 100, SEEK_SET);
+        c = fgetc(f);
+        fseek(f, 4096 + 100, SEEK_SET);
+        fputc(c ^ 1, f);
+        fclose(f);
+    }
+    raft_fixture_reconnect(&fx, 0, 2);
+    raft_fixture_reconnect(&fx, 1, 2);
+    target = last_index(l);
+    CU_ASSERT_FALSE(step_with_workers(2, target, 3000));
+    CU_ASSERT_EQUAL(store_applied_index(nodes[2].store), behind);
+    CU_ASSERT(access(path, F_OK) != 0);
+    ckpt_mgr_stats(nodes[2].ckpt, &cs);
+    CU_ASSERT_EQUAL(cs.refused, 1);
+    CU_ASSERT_EQUAL(cs.installed, 0);
+
+    /* a good copy: libraft's next InstallSnapshot retry verifies it, swaps
+     * it in and the follower applies the rest from the log */
+    CU_ASSERT_FATAL(system(cmd) == 0);
+    CU_ASSERT_TRUE(step_with_workers(2, target, 20000));
+    ckpt_mgr_stats(nodes[2].ckpt, &cs);
+    CU_ASSERT_EQUAL(cs.installed, 1);
+    assert_same_digest(0, 2);
+    /* and it keeps following */
+    for (k = 70; k < 80; k++)
+        propose_append(l, (int)k);
+    if (!step_with_workers(2, last_index(l), 20000)) {
+        fprintf(stderr,
+                "node2: store %llu raft applied %llu last %llu; leader last %llu commit %llu fatal "
+                "%d\n",
+                (unsigned long long)store_applied_index(nodes[2].store),
+                (unsigned long long)raft_last_applied(raft_fixture_get(&fx, 2)),
+                (unsigned long long)raft_last_index(raft_fixture_get(&fx, 2)),
+                (unsigned long long)last_index(l),
+                (unsigned long long)raft_fixture_get(&fx, 0)->commit_index,
+                rep_adapter_fatal(ad[2]));
+        fprintf(stderr, "node2 stored %llu commit %llu put %p state %d snap %llu\n",
+                (unsigned long long)raft_fixture_get(&fx, 2)->last_stored,
+                (unsigned long long)raft_fixture_get(&fx, 2)->commit_index,
+                (void *)raft_fixture_get(&fx, 2)->snapshot.put.data,
+                raft_state(raft_fixture_get(&fx, 2)),
+                (unsigned long long)raft_fixture_get(&fx, 2)->log.snapshot.last_index);
+        CU_FAIL("node 2 does not follow after the install");
+    }
+    assert_same_digest(0, 2);
+    CU_ASSERT_FALSE(rep_adapter_fatal(ad[2]));
+    CU_ASSERT_EQUAL(raft_fixture_leader_index(&fx), 0);
+    teardown_fixture();
+}
+
 int main(void)
 {
     CU_pSuite s;
@@ -315,6 +449,7 @@ int main(void)
     CU_add_test(s, "election and apply", test_election_and_apply);
     CU_add_test(s, "failover", test_failover);
     CU_add_test(s, "snapshot and restore", test_snapshot_and_restore);
+    CU_add_test(s, "checkpoint install", test_checkpoint_install);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     fails = CU_get_number_of_failures();

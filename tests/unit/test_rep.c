@@ -128,7 +128,7 @@ static int cfsm_restore(void *fsm, const void *buf, size_t len)
     return 0;
 }
 
-static const struct rep_fsm_ops cfsm_ops = {cfsm_apply, cfsm_snapshot, cfsm_restore};
+static const struct rep_fsm_ops cfsm_ops = {cfsm_apply, cfsm_snapshot, cfsm_restore, NULL};
 
 /* ---- harness ---- */
 
@@ -182,6 +182,7 @@ static void role_cb(void *arg, int is_leader)
 }
 
 static uint64_t max_entry = 1024;
+static uint64_t snap_bytes = 0;
 
 static int start_rep(struct run *run, struct cfsm *f, uint64_t threshold, uint64_t trailing)
 {
@@ -205,6 +206,7 @@ static int start_rep(struct run *run, struct cfsm *f, uint64_t threshold, uint64
     cfg.snapshot_threshold = threshold;
     cfg.snapshot_trailing = trailing;
     cfg.max_entry_bytes = max_entry;
+    cfg.snapshot_bytes = snap_bytes;
     f->apply_calls = 0;
     f->last_index_seen = 0;
     run->rep = rep_create(&run->loop, &cfg, &cfsm_ops, f, err, sizeof err);
@@ -628,6 +630,47 @@ static void test_tiny_snapshots_keep_log(void)
     rm_tmpdir();
 }
 
+/* raft.snapshot_bytes: with an entry threshold that is never reached,
+ * 20 KiB entries still make libraft snapshot every 64 KiB, and what it
+ * keeps after a snapshot is bounded by bytes too; a restart replays
+ * everything after the last snapshot intact. */
+static void test_snapshot_by_bytes(void)
+{
+    struct run run;
+    struct cfsm f;
+    struct rep_info info;
+    size_t len = 20 * 1024;
+    int i;
+
+    memset(&f, 0, sizeof f);
+    max_entry = 1024 * 1024;
+    snap_bytes = 64 * 1024;
+    CU_ASSERT_PTR_NOT_NULL_FATAL(mkdtemp(strcpy(tmpdir, "/tmp/coffer-rep-XXXXXX")));
+    CU_ASSERT_EQUAL_FATAL(start_rep(&run, &f, 100000, 512), 0);
+    CU_ASSERT_TRUE_FATAL(run_until(&run, leader_and_caught_up, 5000));
+    for (i = 0; i < 20; i++) {
+        unsigned char *b = rep_buf_alloc(len);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(b);
+        memset(b, 0x11 + i, len);
+        run.n_cb = 0;
+        CU_ASSERT_EQUAL(rep_propose(run.rep, b, len, propose_cb, &run), 0);
+        CU_ASSERT_TRUE(run_until(&run, one_cb, 5000));
+    }
+    rep_get_info(run.rep, &info);
+    CU_ASSERT(f.n_snapshots >= 4);
+    CU_ASSERT(info.last_snapshot_index >= 13);
+    first_run_last_index = info.last_index;
+    stop_rep(&run);
+    CU_ASSERT_EQUAL_FATAL(start_rep(&run, &f, 100000, 512), 0);
+    CU_ASSERT_EQUAL(f.n_restore_bad, 0);
+    CU_ASSERT_TRUE(run_until(&run, applied_first_run, 5000));
+    CU_ASSERT_EQUAL(f.n_replay_mismatch, 0);
+    stop_rep(&run);
+    max_entry = 1024;
+    snap_bytes = 0;
+    rm_tmpdir();
+}
+
 int main(void)
 {
     CU_pSuite s;
@@ -645,6 +688,7 @@ int main(void)
     CU_add_test(s, "FSM apply failure stops applying", test_apply_failure);
     CU_add_test(s, "entries above 8 MiB and odd lengths", test_big_entries);
     CU_add_test(s, "tiny snapshot threshold keeps the log", test_tiny_snapshots_keep_log);
+    CU_add_test(s, "snapshots by bytes", test_snapshot_by_bytes);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
     failures = CU_get_number_of_failures();

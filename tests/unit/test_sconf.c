@@ -49,8 +49,10 @@ static void test_defaults(void)
     CU_ASSERT_EQUAL(c.raft_bootstrap, 1);
     CU_ASSERT_EQUAL(c.election_timeout_ms, 1000);
     CU_ASSERT_EQUAL(c.heartbeat_ms, 100);
-    CU_ASSERT_EQUAL(c.snapshot_threshold, 1024);
+    CU_ASSERT_EQUAL(c.snapshot_threshold, 16384);
     CU_ASSERT_EQUAL(c.snapshot_trailing, 512);
+    CU_ASSERT_EQUAL(c.snapshot_bytes, 256ull << 20);
+    CU_ASSERT_EQUAL(c.checkpoints_kept, 2);
     CU_ASSERT_EQUAL(c.map_size, 64ull << 30);
     CU_ASSERT_PTR_NULL(c.tls_cert);
     CU_ASSERT_PTR_NULL(c.tls_key);
@@ -104,6 +106,7 @@ static void test_full_sample(void)
              "[node]\nid = 3\ndata_dir = /srv/coffer\nlog_level = debug\n"
              "[raft]\naddress = 10.0.0.3:7001\nbootstrap = no\nelection_timeout = 2s\n"
              "heartbeat = 150ms\nsnapshot_threshold = 4096\nsnapshot_trailing = 100\n"
+             "snapshot_bytes = 1G\ncheckpoints_kept = 3\n"
              "[lmdb]\nmap_size = 1G\n"
              "[tls]\ncert = /c.pem\nkey = /k.pem\nca = /ca.pem\nmin_version = TLSv1.3\n"
              "ciphers = HIGH:!aNULL\n"
@@ -127,6 +130,8 @@ static void test_full_sample(void)
     CU_ASSERT_EQUAL(c.heartbeat_ms, 150);
     CU_ASSERT_EQUAL(c.snapshot_threshold, 4096);
     CU_ASSERT_EQUAL(c.snapshot_trailing, 100);
+    CU_ASSERT_EQUAL(c.snapshot_bytes, 1ull << 30);
+    CU_ASSERT_EQUAL(c.checkpoints_kept, 3);
     CU_ASSERT_EQUAL(c.map_size, 1ull << 30);
     CU_ASSERT_STRING_EQUAL(c.tls_cert, "/c.pem");
     CU_ASSERT_STRING_EQUAL(c.tls_key, "/k.pem");
@@ -191,6 +196,9 @@ static void test_bad_values(void)
     expect_refused("[raft]\naddress = ", "raft.address");
     expect_refused("[raft]\nsnapshot_threshold = 0", "raft.snapshot_threshold");
     expect_refused("[raft]\nsnapshot_trailing = 0", "raft.snapshot_trailing");
+    expect_refused("[raft]\ncheckpoints_kept = 0", "raft.checkpoints_kept");
+    expect_refused("[raft]\ncheckpoints_kept = 101", "raft.checkpoints_kept");
+    expect_refused("[raft]\nsnapshot_bytes = lots", "raft.snapshot_bytes");
     expect_refused("[lmdb]\nmap_size = 1M", "lmdb.map_size");
     expect_refused("[lmdb]\nmap_size = 12q", "lmdb.map_size");
     expect_refused("[tls]\nmin_version = SSLv3", "tls.min_version");
