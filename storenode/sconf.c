@@ -123,7 +123,7 @@ void sconf_defaults(struct sconf *c)
     c->heartbeat_ms = 100;
     c->snapshot_threshold = 16384;
     c->snapshot_trailing = 512;
-    c->snapshot_bytes = 256 * MIB;
+    c->snapshot_bytes = 1024 * MIB;
     c->checkpoints_kept = 2;
     c->map_size = 64 * GIB;
     c->tls_cert = NULL;

@@ -21,7 +21,7 @@ struct sconf {
     uint64_t snapshot_threshold;  /* raft.snapshot_threshold, default 16384 */
     uint64_t snapshot_trailing;   /* raft.snapshot_trailing, default 512 */
     uint64_t snapshot_bytes;      /* raft.snapshot_bytes: also snapshot after this many entry
-                                     bytes (0 = entries only), default 256M */
+                                     bytes (0 = entries only), default 1G */
     uint64_t checkpoints_kept;    /* raft.checkpoints_kept: complete checkpoints kept, default 2 */
     /* [lmdb] */
     uint64_t map_size; /* lmdb.map_size, default 64G (sparse) */

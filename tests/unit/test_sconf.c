@@ -51,7 +51,7 @@ static void test_defaults(void)
     CU_ASSERT_EQUAL(c.heartbeat_ms, 100);
     CU_ASSERT_EQUAL(c.snapshot_threshold, 16384);
     CU_ASSERT_EQUAL(c.snapshot_trailing, 512);
-    CU_ASSERT_EQUAL(c.snapshot_bytes, 256ull << 20);
+    CU_ASSERT_EQUAL(c.snapshot_bytes, 1ull << 30);
     CU_ASSERT_EQUAL(c.checkpoints_kept, 2);
     CU_ASSERT_EQUAL(c.map_size, 64ull << 30);
     CU_ASSERT_PTR_NULL(c.tls_cert);
