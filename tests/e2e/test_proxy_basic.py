@@ -293,8 +293,10 @@ class ProxyBackendResume(mh.ProxyTestCase):
             typ, _ = c.select("INBOX")
             self.assertEqual(typ, "OK")
             c.logout()
-        self.assertGreaterEqual(self.mmp.count_log(rb"TLS session new"), 1)
-        self.assertGreaterEqual(self.mmp.count_log(rb"TLS session resumed"), 2)
+        ch.wait_until(lambda: self.mmp.count_log(rb"TLS session new") >= 1, 15,
+                      what="log lines %s >= 1" % rb"TLS session new")
+        ch.wait_until(lambda: self.mmp.count_log(rb"TLS session resumed") >= 2, 15,
+                      what="log lines %s >= 2" % rb"TLS session resumed")
         ch.wait_until(lambda: len(re.findall(rb"passed by trusted proxy", self.srv.log()[since:])) >= 3,
                       10, what="store trusting 3 proxied logins")
         self.assertAlive()

@@ -85,7 +85,11 @@ class ProxySlowloris(mh.ProxyTestCase):
                   % (N, first, last))
             self.assertGreaterEqual(first, PREAUTH_S - 0.5)
             self.assertLess(last, PREAUTH_S + 15)
-            self.assertGreaterEqual(self.mmp.count_log(rb"pre-auth timeout"), N)
+            # the proxy's log reaches us through a pipe read by another
+            # thread: wait (bounded) for every line rather than race it
+            ch.wait_until(lambda: self.mmp.count_log(rb"pre-auth timeout") >= N, 15,
+                          what="%d pre-auth timeout log lines (have %d)"
+                          % (N, self.mmp.count_log(rb"pre-auth timeout")))
             self.assertAlive()
         finally:
             for s in socks:

@@ -93,7 +93,8 @@ class ProxyThrottle(mh.ProxyTestCase):
             self.assertTrue(greet.startswith(b"* OK"), greet)
             self.assertTrue(line.startswith(b"a1 NO"), line)
             self.assertLess(dt, 0.3)
-        self.assertGreaterEqual(self.mmp.count_log(rb"127\.0\.11\.1 user \"bob\": failed login repeats"), 7)
+        ch.wait_until(lambda: self.mmp.count_log(rb"127\.0\.11\.1 user \"bob\": failed login repeats") >= 7, 15,
+                      what="log lines %s >= 7" % rb"127\.0\.11\.1 user \"bob\": failed login repeats")
 
     def test_c_connection_limits(self):
         held = []
