@@ -20,6 +20,15 @@ def msg(i):
 
 
 class MembershipTest(unittest.TestCase):
+
+    def assert_log(self, node, needle, timeout=10.0):
+        """The node's stderr reaches us through a reader thread: wait (bounded)
+        for the line instead of racing it after the process exited."""
+        deadline = time.monotonic() + timeout
+        while needle not in node.log():
+            if time.monotonic() >= deadline:
+                self.fail("log of node %d lacks %r:\n%s" % (node.id, needle, node.log_tail()))
+            time.sleep(0.05)
     @classmethod
     def setUpClass(cls):
         cls.c = h.Cluster(3, "membership")
@@ -120,7 +129,7 @@ class MembershipTest(unittest.TestCase):
         n4.start(wait=False)
         n4.proc.wait(60)
         self.assertNotEqual(n4.proc.returncode, 0)
-        self.assertIn(b"was removed from its group", n4.log())
+        self.assert_log(n4, b"was removed from its group")
         del self.c.nodes[4]
         n4.cleanup()
         self.append_some()
@@ -202,7 +211,7 @@ class MembershipTest(unittest.TestCase):
         f.start(wait=False)
         f.proc.wait(60)
         self.assertNotEqual(f.proc.returncode, 0)
-        self.assertIn(b"belongs to node %d, not to node 9" % f.id, f.log())
+        self.assert_log(f, b"belongs to node %d, not to node 9" % f.id)
         # another group id
         f.overrides.pop("node.id")
         f.overrides["node.group_id"] = "0" * 32
@@ -210,7 +219,7 @@ class MembershipTest(unittest.TestCase):
         f.start(wait=False)
         f.proc.wait(60)
         self.assertNotEqual(f.proc.returncode, 0)
-        self.assertIn(b"not to group 00000000", f.log())
+        self.assert_log(f, b"not to group 00000000")
         # the Raft address of another member
         other = [n for n in self.c.live() if n.id != f.id][0]
         f.overrides.pop("node.group_id")
@@ -219,7 +228,7 @@ class MembershipTest(unittest.TestCase):
         f.start(wait=False)
         f.proc.wait(60)
         self.assertNotEqual(f.proc.returncode, 0)
-        self.assertIn(b"belongs to member %d" % other.id, f.log())
+        self.assert_log(f, b"belongs to member %d" % other.id)
         f.overrides.pop("raft.address")
         f.write_config()
         f.start()
