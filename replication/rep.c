@@ -65,7 +65,9 @@ struct rep {
     int bytes_triggered; /* threshold lowered to force a snapshot */
     uint64_t restore_retries;
     uint64_t restore_log_at;
-    int fatal; /* ops->apply failed: we refuse further applies */
+    int fatal;                /* ops->apply failed: we refuse further applies */
+    int refuse_entries;       /* rep_set_refuse_entries */
+    uint64_t refused_appends; /* messages whose entries were refused */
 
     int transport_init, io_init, raft_init, started;
     int closing, closed;
@@ -381,6 +383,32 @@ static void gate_recv(struct raft_io *io, struct raft_message *m)
 
     if (g < 0) return; /* cannot happen: start registered it */
     r = gates[g].rep;
+    if (r->refuse_entries && m->type == RAFT_IO_APPEND_ENTRIES && m->append_entries.n_entries > 0) {
+        /* Disk nearly full: keep following the leader (the message still
+         * resets the election timer and carries the commit index) but store
+         * nothing new. The follower answers as for a heartbeat, so the
+         * leader's match index for it stays where it is and the leader
+         * commits with the rest of the quorum; it sends the entries again
+         * once this node accepts them. */
+        struct raft_append_entries *ae = &m->append_entries;
+        void *last = NULL;
+        r->refused_appends++;
+        for (unsigned i = 0; i < ae->n_entries; i++) {
+            if (ae->entries[i].batch != NULL && ae->entries[i].batch != last) {
+                last = ae->entries[i].batch;
+                raft_free(last);
+            }
+        }
+        raft_free(ae->entries);
+        ae->entries = NULL;
+        ae->n_entries = 0;
+    }
+    if (r->refuse_entries && m->type == RAFT_IO_INSTALL_SNAPSHOT) {
+        r->refused_appends++;
+        raft_configuration_close(&m->install_snapshot.conf);
+        raft_free(m->install_snapshot.data.base);
+        return;
+    }
     if (m->type == RAFT_IO_INSTALL_SNAPSHOT && r->ops.snapshot_gate != NULL && !r->fatal &&
         r->ops.snapshot_gate(r->fsm_data, m->install_snapshot.data.base,
                              m->install_snapshot.data.len) != 0) {
@@ -1316,4 +1344,22 @@ void rep_frame_finish(void *buf, size_t len, void **base_r, size_t *len_r)
     memset(base + REP_FRAME_HDR + len, 0, pad8(len) - len);
     *base_r = base;
     *len_r = REP_FRAME_HDR + pad8(len);
+}
+
+void rep_set_refuse_entries(struct rep *r, int refuse)
+{
+    if (r == NULL || !!refuse == r->refuse_entries) return;
+    r->refuse_entries = !!refuse;
+    if (refuse)
+        cf_crit("rep: refusing new Raft entries from the leader until disk space returns "
+                "(this node no longer counts towards the commit quorum)");
+    else
+        cf_notice("rep: accepting Raft entries again (%" PRIu64
+                  " AppendEntries/InstallSnapshot messages refused); catching up",
+                  r->refused_appends);
+}
+
+int rep_refusing_entries(const struct rep *r)
+{
+    return r != NULL && r->refuse_entries;
 }

@@ -167,6 +167,16 @@ void rep_set_removed_cb(struct rep *r, void (*cb)(void *arg), void *arg);
 
 /* Asynchronous shutdown; cb fires once raft and its I/O are closed. After
  * that the FSM may be closed and rep_destroy called. */
+/* Disk nearly full: while `refuse` is set, entries the leader sends
+ * (AppendEntries with entries, InstallSnapshot) are discarded on arrival,
+ * so nothing new is written; heartbeats are still processed, so the node
+ * keeps following the leader without starting elections, and the leader
+ * commits with the other members. Logged at CRIT when set, NOTICE when
+ * cleared; the leader resends what is missing once cleared. A leader's own
+ * proposals are not affected (the caller moves leadership away first). */
+void rep_set_refuse_entries(struct rep *r, int refuse);
+int rep_refusing_entries(const struct rep *r);
+
 void rep_close(struct rep *r, void (*cb)(void *arg), void *arg);
 void rep_destroy(struct rep **r);
 

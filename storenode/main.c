@@ -542,9 +542,11 @@ static void transfer_done(void *arg, int status)
     if (status != REP_OK) cf_warn("disk nearly full: leadership transfer did not complete");
 }
 
-/* Free space of the data dir: a leader below node.min_free_disk hands
- * leadership to another voter; a follower logs (libraft stops accepting
- * entries on ENOSPC by itself and recovers when space returns). */
+/* Free space of the data dir: below node.min_free_disk a leader hands
+ * leadership to another voter, and every member refuses new entries from
+ * the leader (rep_set_refuse_entries: it keeps following, stores nothing
+ * new, and the rest of the quorum commits); when space returns it accepts
+ * them again and catches up. */
 static void check_disk(struct daemon *d)
 {
     struct statvfs sv;
@@ -567,6 +569,7 @@ static void check_disk(struct daemon *d)
             cf_notice("disk space recovered: %" PRIu64 " bytes free in %s", free_b,
                       d->cfg.data_dir);
     }
+    rep_set_refuse_entries(d->n.rep, low);
     if (low && !d->transfer_busy && rep_is_leader(d->n.rep)) {
         if (rep_transfer(d->n.rep, 0, transfer_done, d) == 0) d->transfer_busy = 1;
     }
