@@ -1772,9 +1772,11 @@ static int apply_op(struct fsm *f, const Coffer__Entry *e)
 
 /* ------------------------------------------------------------- requests */
 
+/* Request record: u16 version (1, or 2 with the leader time appended),
+ * u64 index, u32 result, u32 uidvalidity, u32 uid[, u64 leader_time_ms]. */
 static void outcome_from_request(struct store_outcome *o, const MDB_val *v)
 {
-    if (v->mv_size >= 22 && get_le(v->mv_data, 2) == 1) {
+    if (v->mv_size >= 22 && (get_le(v->mv_data, 2) == 1 || get_le(v->mv_data, 2) == 2)) {
         const uint8_t *p = v->mv_data;
         o->index = get_le(p + 2, 8);
         o->result = (int)get_le(p + 10, 4);
@@ -1821,12 +1823,13 @@ static int requests_expire(struct fsm *f)
 
 static int requests_record(struct fsm *f, const uint8_t rid[16])
 {
-    uint8_t rec[22], kb[8];
-    put_le(rec, 1, 2);
+    uint8_t rec[30], kb[8];
+    put_le(rec, 2, 2);
     put_le(rec + 2, f->index, 8);
     put_le(rec + 10, (uint32_t)f->res->result, 4);
     put_le(rec + 14, f->res->uidvalidity, 4);
     put_le(rec + 18, f->res->uid, 4);
+    put_le(rec + 22, f->time_ms, 8);
     MDB_val k = {16, (void *)rid}, v = {sizeof(rec), rec};
     int rc = mdb_put(f->txn, f->st->requests, &k, &v, 0);
     if (rc) return lmdb_fail("requests put", rc);
@@ -1834,6 +1837,39 @@ static int requests_record(struct fsm *f, const uint8_t rid[16])
     MDB_val k2 = {8, kb}, v2 = {16, (void *)rid};
     if ((rc = mdb_put(f->txn, f->st->reqlog, &k2, &v2, 0))) return lmdb_fail("reqlog put", rc);
     return 0;
+}
+
+/* An APPEND whose request_id the leader derived from its content
+ * (Append.dedup_window_s set) repeats an earlier one only while that one is
+ * recent and its message still exists: a retry after an unknown outcome
+ * gets the first APPENDUID, but a message appended again after it was
+ * expunged, or much later, is stored again. Returns 1 (honour the record),
+ * 0 (apply afresh, the record is replaced) or -1. */
+static int append_record_live(struct fsm *f, const Coffer__Append *a, const MDB_val *rec)
+{
+    const uint8_t *p = rec->mv_data;
+    if (rec->mv_size < 30 || get_le(p, 2) != 2) return 0;
+    if ((int)get_le(p + 10, 4) != STORE_OK) return 0;
+    uint64_t then = get_le(p + 22, 8);
+    if (f->time_ms < then || f->time_ms - then > (uint64_t)a->dedup_window_s * 1000u) return 0;
+    struct fuser fu;
+    struct fmbox mb = {0};
+    struct fmsg fm;
+    int live = 0;
+    int rc = user_load(f, a->username, &fu);
+    if (rc < 0) return -1;
+    if (rc != 0) return 0;
+    rc = mbox_load(f, fu.u.id, a->mailbox, &mb);
+    if (rc == 0 && mb.m.uidvalidity == (uint32_t)get_le(p + 14, 4)) {
+        rc = msg_load(f, mb.m.id, (uint32_t)get_le(p + 18, 4), &fm);
+        if (rc == 0) {
+            live = 1;
+            free(fm.kw);
+        }
+    }
+    mbox_free(&mb);
+    user_free(&fu);
+    return rc < 0 ? -1 : live;
 }
 
 /* ---------------------------------------------------------------- apply */
@@ -1848,9 +1884,10 @@ static int frame_ok(const void *buf, size_t len)
 static void deliver_outcome(struct store *st, const uint8_t *rid, struct store_outcome *res,
                             struct store_outcome *out)
 {
-    struct store_outcome *w = rid ? store__waiter_find(st, rid) : NULL;
-    if (w && w != out && store__outcome_copy(w, res))
-        cf_error("fsm: out of memory filling an outcome");
+    for (struct store_outcome *w = rid ? store__waiter_next(st, rid, NULL) : NULL; w;
+         w = store__waiter_next(st, rid, w))
+        if (w != out && store__outcome_copy(w, res))
+            cf_error("fsm: out of memory filling an outcome");
     if (out) {
         uint8_t keep[16];
         memcpy(keep, out->request_id, 16);
@@ -1933,8 +1970,17 @@ int store_apply(struct store *st, uint64_t index, const void *buf, size_t len,
         MDB_val k = {16, (void *)rid}, v;
         rc = mdb_get(txn, st->requests, &k, &v);
         if (rc == 0) {
-            outcome_from_request(&res, &v);
             dup = 1;
+            if (e->op_case == COFFER__ENTRY__OP_APPEND && e->append->has_dedup_window_s) {
+                int live = append_record_live(&f, e->append, &v);
+                if (live < 0) goto fatal;
+                dup = live;
+            }
+            if (dup) outcome_from_request(&res, &v);
+            if (dup && e->op_case == COFFER__ENTRY__OP_APPEND)
+                cf_info("fsm: APPEND by %s to %s repeats the one applied at index %" PRIu64
+                        " (same message within the dedup window): uid %u, nothing stored",
+                        e->append->username, e->append->mailbox, res.index, res.uid);
         } else if (rc != MDB_NOTFOUND) {
             lmdb_fail("requests get", rc);
             goto fatal;

@@ -17,6 +17,8 @@
 #include <string.h>
 #include <strings.h>
 
+#include <openssl/evp.h>
+
 #include "cf_log.h"
 #include "imap_internal.h"
 #include "mime.h"
@@ -678,6 +680,73 @@ static void expunge_finish(struct imap_session *s, struct mop *op)
 
 /* ---- APPEND ---- */
 
+/* Does the header of msg (CRLF-normalised) have a non-empty Message-ID
+ * field? Scans the header only, bounded by msg_len. */
+static int has_message_id(const char *msg, size_t len)
+{
+    static const char field[] = "message-id:";
+    const size_t flen = sizeof(field) - 1;
+    size_t i = 0;
+    while (i < len) {
+        if (i + 1 < len && msg[i] == '\r' && msg[i + 1] == '\n') return 0; /* end of header */
+        if (len - i > flen && strncasecmp(msg + i, field, flen) == 0) {
+            for (size_t j = i + flen; j < len && msg[j] != '\r'; j++)
+                if (msg[j] != ' ' && msg[j] != '\t') return 1;
+        }
+        const char *nl = memchr(msg + i, '\n', len - i);
+        if (!nl) return 0;
+        i = (size_t)(nl - msg) + 1;
+    }
+    return 0;
+}
+
+static void key_u64(EVP_MD_CTX *md, uint64_t v)
+{
+    uint8_t b[8];
+    for (int k = 0; k < 8; k++)
+        b[k] = (uint8_t)(v >> (8 * k));
+    EVP_DigestUpdate(md, b, 8);
+}
+
+/* The idempotency key of an APPEND: SHA-256 (first 16 bytes) of everything
+ * the entry stores, so a client's retry of the same command (after NO
+ * [UNAVAILABLE] or a dropped connection) carries the same key. Only for
+ * messages with a Message-ID: two byte-identical messages with one are the
+ * same message; without one a client may well mean two copies. Returns 0 and
+ * fills key, or -1 (no key: the APPEND gets a random request id). */
+static int append_key(const char *user, const char *mailbox, uint32_t flags, char *const *kws,
+                      size_t n_kw, int has_date, int64_t idate, int tz, const char *msg,
+                      size_t msg_len, uint8_t key[16])
+{
+    static const char tag[] = "coffer-append-key-1";
+    uint8_t d[EVP_MAX_MD_SIZE];
+    unsigned dl = 0;
+    int ok;
+    if (!has_message_id(msg, msg_len)) return -1;
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    if (!md) return -1;
+    ok = EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1;
+    if (ok) {
+        EVP_DigestUpdate(md, tag, sizeof(tag));
+        EVP_DigestUpdate(md, user, strlen(user) + 1);
+        EVP_DigestUpdate(md, mailbox, strlen(mailbox) + 1);
+        key_u64(md, flags);
+        key_u64(md, n_kw);
+        for (size_t i = 0; i < n_kw; i++)
+            EVP_DigestUpdate(md, kws[i], strlen(kws[i]) + 1);
+        key_u64(md, has_date ? 1 : 0);
+        key_u64(md, has_date ? (uint64_t)idate : 0);
+        key_u64(md, has_date ? (uint64_t)(int64_t)tz : 0);
+        key_u64(md, msg_len);
+        EVP_DigestUpdate(md, msg, msg_len);
+        ok = EVP_DigestFinal_ex(md, d, &dl) == 1 && dl >= 16;
+    }
+    EVP_MD_CTX_free(md);
+    if (!ok) return -1;
+    memcpy(key, d, 16);
+    return 0;
+}
+
 /* The APPEND destination: validated name (malloc()ed) and the rights on it.
  * Returns 0, or -1 after replying NO (TRYCREATE when it does not exist).
  * Used by imap_append_check_literal (before "+") and again by the command
@@ -911,6 +980,16 @@ void imap_cmd_append(struct imap_session *s, struct imap_command *cmd, int uid)
     ap.cache = &mc;
     e.op_case = COFFER__ENTRY__OP_APPEND;
     e.append = &ap;
+    uint8_t key[16];
+    uint64_t win_s = s->node->cfg->append_dedup_window_ms / 1000;
+    if (win_s > 0 && append_key(s->username, name, f.flags, kws, n_kw, has_date, idate, tz, msg,
+                                msg_len, key) == 0) {
+        e.has_request_id = 1;
+        e.request_id.data = key;
+        e.request_id.len = sizeof(key);
+        ap.has_dedup_window_s = 1;
+        ap.dedup_window_s = (uint32_t)(win_s > UINT32_MAX ? UINT32_MAX : win_s);
+    }
     mop_propose(s, op, &e);
     /* propose_entry packed a copy: free ours now */
     kw_array_free(kws, n_kw);

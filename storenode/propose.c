@@ -50,7 +50,7 @@ int propose_frame(const Coffer__Entry *e, void **buf_r, size_t *len_r)
 static void propose_done(void *arg, int status)
 {
     struct propose_req *req = arg;
-    store_unregister_waiter(req->st, req->id);
+    store_unregister_waiter(req->st, req->id, req->out);
     if (req->cb) req->cb(req->arg, status, req->out);
     if (req->out == &req->own) store_outcome_clear(&req->own);
     free(req);
@@ -116,7 +116,7 @@ int propose_entry(struct node *n, Coffer__Entry *e, struct store_outcome *out, p
     store_register_waiter(n->store, req->id, req->out);
     int rc = rep_propose(n->rep, buf, len, propose_done, req);
     if (rc != 0) {
-        store_unregister_waiter(n->store, req->id);
+        store_unregister_waiter(n->store, req->id, req->out);
         free(req);
         return rc;
     }

@@ -45,6 +45,7 @@ static const char *const known_keys[][2] = {
     {"pop3", "listen"},
     {"pop3", "listen_tls"},
     {"imap", "listen_proxy"},
+    {"imap", "append_dedup_window"},
     {"pop3", "listen_proxy"},
     {"admin", "listen"},
     {"admin", "secret_file"},
@@ -152,6 +153,7 @@ void sconf_defaults(struct sconf *c)
     c->preauth_timeout_ms = 60 * 1000;
     c->idle_timeout_ms = 30 * 60 * 1000;
     c->idle_keepalive_ms = 2 * 60 * 1000;
+    c->append_dedup_window_ms = 5 * 60 * 1000;
 }
 
 struct unknown_ctx {
@@ -411,7 +413,10 @@ static int validate(struct sconf *c, char *err, size_t errlen)
                   errlen) ||
         range_u64("limits", "idle_timeout", c->idle_timeout_ms, 1000, 24 * 3600 * 1000ull, err,
                   errlen) ||
-        range_u64("limits", "idle_keepalive", c->idle_keepalive_ms, 1000, 3600 * 1000, err, errlen))
+        range_u64("limits", "idle_keepalive", c->idle_keepalive_ms, 1000, 3600 * 1000, err,
+                  errlen) ||
+        range_u64("imap", "append_dedup_window", c->append_dedup_window_ms, 0, 24 * 3600 * 1000,
+                  err, errlen))
         return -1;
     if (c->idle_keepalive_ms >= c->idle_timeout_ms) {
         snprintf(err, errlen, "limits.idle_keepalive must be smaller than limits.idle_timeout");
@@ -484,6 +489,7 @@ int sconf_load(const char *path, struct sconf *c, char *err, size_t errlen)
     TYPED(cf_config_ms, "limits", "preauth_timeout", preauth_timeout_ms);
     TYPED(cf_config_ms, "limits", "idle_timeout", idle_timeout_ms);
     TYPED(cf_config_ms, "limits", "idle_keepalive", idle_keepalive_ms);
+    TYPED(cf_config_ms, "imap", "append_dedup_window", append_dedup_window_ms);
 #undef STR
 #undef TYPED
 

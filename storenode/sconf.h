@@ -34,6 +34,11 @@ struct sconf {
     /* [imap] */
     char *imap_listen;  /* imap.listen, default 127.0.0.1:143 ("" = off) */
     char *imaps_listen; /* imap.listen_tls, default 127.0.0.1:993 */
+    /* imap.append_dedup_window: an APPEND of a message with a Message-ID that
+     * is byte-identical (same user, mailbox, flags, date) to one stored at
+     * most this long ago, and still present, is a retry: the first APPENDUID
+     * is returned and nothing is stored. 0 = off. Default 5m. */
+    uint64_t append_dedup_window_ms;
     /* [pop3] */
     char *pop3_listen;  /* pop3.listen, default 127.0.0.1:110 */
     char *pop3s_listen; /* pop3.listen_tls, default 127.0.0.1:995 */

@@ -344,6 +344,7 @@ int store__outcome_copy(struct store_outcome *dst, const struct store_outcome *s
 {
     uint8_t rid[16];
     memcpy(rid, dst->request_id, 16);
+    store_outcome_clear(dst); /* filled before (a shared request_id applied twice) */
     *dst = *src;
     memcpy(dst->request_id, rid, 16);
     dst->src_uids = memdup_n(src->src_uids, src->n_uids * sizeof(uint32_t));
@@ -690,10 +691,7 @@ void store_register_waiter(struct store *st, const uint8_t request_id[16],
 {
     unsigned b = wait_bucket(request_id);
     for (struct store_waiter *w = st->waiters[b]; w; w = w->next) {
-        if (memcmp(w->id, request_id, 16) == 0) {
-            w->out = out;
-            return;
-        }
+        if (w->out == out && memcmp(w->id, request_id, 16) == 0) return;
     }
     struct store_waiter *w = calloc(1, sizeof(*w));
     if (!w) {
@@ -706,11 +704,12 @@ void store_register_waiter(struct store *st, const uint8_t request_id[16],
     st->waiters[b] = w;
 }
 
-void store_unregister_waiter(struct store *st, const uint8_t request_id[16])
+void store_unregister_waiter(struct store *st, const uint8_t request_id[16],
+                             struct store_outcome *out)
 {
     struct store_waiter **pp = &st->waiters[wait_bucket(request_id)];
     while (*pp) {
-        if (memcmp((*pp)->id, request_id, 16) == 0) {
+        if ((*pp)->out == out && memcmp((*pp)->id, request_id, 16) == 0) {
             struct store_waiter *w = *pp;
             *pp = w->next;
             free(w);
@@ -720,9 +719,18 @@ void store_unregister_waiter(struct store *st, const uint8_t request_id[16])
     }
 }
 
-struct store_outcome *store__waiter_find(struct store *st, const uint8_t id[16])
+struct store_outcome *store__waiter_next(struct store *st, const uint8_t id[16],
+                                         struct store_outcome *prev)
 {
-    for (struct store_waiter *w = st->waiters[wait_bucket(id)]; w; w = w->next)
+    struct store_waiter *w = st->waiters[wait_bucket(id)];
+    if (prev) {
+        for (; w; w = w->next)
+            if (w->out == prev && memcmp(w->id, id, 16) == 0) {
+                w = w->next;
+                break;
+            }
+    }
+    for (; w; w = w->next)
         if (memcmp(w->id, id, 16) == 0) return w->out;
     return NULL;
 }

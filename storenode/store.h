@@ -155,11 +155,14 @@ unsigned store_readers(struct store *st);
 int store_apply(struct store *st, uint64_t index, const void *buf, size_t len,
                 struct store_outcome *out);
 
-/* Outcome delivery to a local proposer: the FSM looks up the entry's
- * request_id among registered waiters and fills their outcome. */
+/* Outcome delivery to local proposers: the FSM looks up the entry's
+ * request_id among registered waiters and fills the outcome of each. Several
+ * waiters may share one request_id (two sessions APPENDing the same message
+ * with a content-derived key); a waiter is the pair (request_id, out). */
 void store_register_waiter(struct store *st, const uint8_t request_id[16],
                            struct store_outcome *out);
-void store_unregister_waiter(struct store *st, const uint8_t request_id[16]);
+void store_unregister_waiter(struct store *st, const uint8_t request_id[16],
+                             struct store_outcome *out);
 
 /* ---- change notification (loop thread) ---- */
 
@@ -362,10 +365,12 @@ void store__msg_encode(const struct store_msg *m, struct store_buf *b);
 void store__blobmeta_encode(uint64_t refcount, uint64_t size, const struct store_cache *c,
                             struct store_buf *b);
 
-/* Deep copy of an outcome (except request_id). 0 or -1 (ENOMEM). */
+/* Deep copy of an outcome (except request_id); frees what dst held first
+ * (dst zeroed or filled by an earlier copy). 0 or -1 (ENOMEM). */
 int store__outcome_copy(struct store_outcome *dst, const struct store_outcome *src);
-/* Find the waiter of request_id (NULL if none). */
-struct store_outcome *store__waiter_find(struct store *st, const uint8_t id[16]);
+/* Iterate the waiters of request_id: prev NULL for the first; NULL at the end. */
+struct store_outcome *store__waiter_next(struct store *st, const uint8_t id[16],
+                                         struct store_outcome *prev);
 /* Deliver one change to the mailbox's watchers. */
 void store__notify(struct store *st, const struct store_change *ch);
 #endif

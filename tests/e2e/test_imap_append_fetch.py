@@ -65,6 +65,38 @@ class AppendFetch(ServerTestCase):
         self.assertEqual(int(d["RFC822.SIZE"]), len(msg))
         self.assertNotIn("\\Seen", [str(f) for f in d["FLAGS"]])
 
+    def test_append_retry_is_idempotent(self):
+        """A byte-identical APPEND of a message with a Message-ID (what a
+        client resends after NO [UNAVAILABLE]) returns the first APPENDUID
+        and stores nothing; without a Message-ID, or after EXPUNGE, or with
+        other flags, it is a new message."""
+        self.c.ok("CREATE Retry")
+        msg = make_message(subject="retry me", body="only once\r\n")
+        first = append(self.c, "Retry", msg, flags=["\\Seen"])
+        again = append(self.c, "Retry", msg, flags=["\\Seen"])
+        self.assertEqual(again, first)
+        other_flags = append(self.c, "Retry", msg)
+        self.assertNotEqual(other_flags, first)
+        bare = b"From: a@coffer.test\r\nSubject: no id\r\n\r\ntwice\r\n"
+        b1 = append(self.c, "Retry", bare)
+        b2 = append(self.c, "Retry", bare)
+        self.assertEqual(b2[1], b1[1] + 1)
+        u = self.c.ok("SELECT Retry")
+        self.assertIn(b"* 4 EXISTS", b"".join(u))
+        by = fetch_by_uid(self.c.ok("UID FETCH 1:* (BODY.PEEK[])"))
+        self.assertEqual(sorted(by), [first[1], other_flags[1], b1[1], b2[1]])
+        self.assertEqual(by[first[1]]["BODY[]"], msg)
+        # expunged: appending the same message again stores it again
+        self.c.ok("UID STORE %d +FLAGS.SILENT (\\Deleted)" % first[1])
+        self.c.ok("EXPUNGE")
+        third = append(self.c, "Retry", msg, flags=["\\Seen"])
+        self.assertEqual(third[0], first[0])
+        self.assertGreater(third[1], b2[1])
+        u = self.c.ok("NOOP")
+        by = fetch_by_uid(self.c.ok("UID FETCH 1:* (UID)"))
+        self.assertEqual(sorted(by), [other_flags[1], b1[1], b2[1], third[1]])
+        self.c.ok("CLOSE")
+
     def test_peek_and_seen(self):
         msg = make_message(subject="seen test")
         _, uid = append(self.c, "INBOX", msg)

@@ -3,7 +3,9 @@
  *     gives equal digests and applied index;
  * (b) reopening a store and re-applying 1..n changes nothing;
  * (c) the same request_id at two indexes applies once, same outcome;
- * (d) truncated/garbage entries are refused (-1) with state unchanged. */
+ * (d) truncated/garbage entries are refused (-1) with state unchanged;
+ * (e) a content-keyed APPEND dedups retries only while the first copy is
+ *     recent and present. */
 #include <CUnit/Basic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -323,7 +325,7 @@ static void test_same_request_id(void)
     struct store_outcome w = {0}, o1 = {0}, o2 = {0}, o3 = {0};
     store_register_waiter(b, rid, &w);
     CU_ASSERT_EQUAL(store_apply(b, base + 1, buf, len, &o1), 0);
-    store_unregister_waiter(b, rid);
+    store_unregister_waiter(b, rid, &w);
     CU_ASSERT_EQUAL(o1.result, STORE_OK);
     CU_ASSERT(o1.uid > 0);
     CU_ASSERT_EQUAL(w.uid, o1.uid);
@@ -363,6 +365,96 @@ static void test_same_request_id(void)
     CU_ASSERT_EQUAL(o4.index, late + 1);
     CU_ASSERT_EQUAL(inbox_messages(b, "ben"), before + 2);
     free(buf);
+    store_close(&b);
+}
+
+/* An APPEND keyed by its content (Append.dedup_window_s): a retry within the
+ * window while the first copy exists returns the first APPENDUID; after an
+ * EXPUNGE, or after the window, the same key stores the message again. Two
+ * proposers waiting on one key both get the outcome. */
+static void apply_append_key(struct store *b, uint64_t index, uint64_t time_ms,
+                             struct store_outcome *o)
+{
+    Coffer__Entry e = COFFER__ENTRY__INIT;
+    Coffer__Append a = COFFER__APPEND__INIT;
+    uint8_t rid[16] = "content-key-0001";
+    a.username = "ben";
+    a.mailbox = "INBOX";
+    a.message.data = (uint8_t *)"Message-ID: <k@x>\r\n\r\nkeyed\r\n";
+    a.message.len = strlen((char *)a.message.data);
+    a.cache = &cache;
+    a.has_dedup_window_s = 1;
+    a.dedup_window_s = 300;
+    e.op_case = COFFER__ENTRY__OP_APPEND;
+    e.append = &a;
+    e.leader_time_ms = time_ms;
+    e.has_request_id = 1;
+    e.request_id.data = rid;
+    e.request_id.len = 16;
+    void *buf;
+    size_t len;
+    CU_ASSERT_EQUAL_FATAL(propose_frame(&e, &buf, &len), 0);
+    CU_ASSERT_EQUAL(store_apply(b, index, buf, len, o), 0);
+    free(buf);
+}
+
+static void test_append_content_key(void)
+{
+    struct store *b = open_store(dir_b);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(b);
+    uint8_t rid[16] = "content-key-0001";
+    uint64_t idx = store_applied_index(b), before = inbox_messages(b, "ben");
+    uint64_t t0 = 1900000000000ull;
+    struct store_outcome w1 = {0}, w2 = {0}, o1 = {0}, o2 = {0}, o3 = {0}, o4 = {0};
+
+    store_register_waiter(b, rid, &w1);
+    store_register_waiter(b, rid, &w2);
+    apply_append_key(b, ++idx, t0, &o1);
+    store_unregister_waiter(b, rid, &w1);
+    store_unregister_waiter(b, rid, &w2);
+    CU_ASSERT_EQUAL(o1.result, STORE_OK);
+    CU_ASSERT_EQUAL(w1.uid, o1.uid);
+    CU_ASSERT_EQUAL(w2.uid, o1.uid);
+    CU_ASSERT_EQUAL(inbox_messages(b, "ben"), before + 1);
+
+    /* the retry, 10 s later at a later index: nothing new, same APPENDUID */
+    apply_append_key(b, ++idx, t0 + 10000, &o2);
+    CU_ASSERT_EQUAL(o2.result, STORE_OK);
+    CU_ASSERT_EQUAL(o2.uid, o1.uid);
+    CU_ASSERT_EQUAL(o2.uidvalidity, o1.uidvalidity);
+    CU_ASSERT_EQUAL(inbox_messages(b, "ben"), before + 1);
+
+    /* expunge the first copy: the same message appended again is stored */
+    Coffer__Entry e = COFFER__ENTRY__INIT;
+    Coffer__Expunge x = COFFER__EXPUNGE__INIT;
+    Coffer__UidRange r = COFFER__UID_RANGE__INIT, *rp = &r;
+    r.lo = r.hi = o1.uid;
+    x.username = "ben";
+    x.mailbox = "INBOX";
+    x.uidvalidity = o1.uidvalidity;
+    x.uids = &rp;
+    x.n_uids = 1;
+    x.has_require_deleted = 1;
+    x.require_deleted = 0;
+    e.op_case = COFFER__ENTRY__OP_EXPUNGE;
+    e.expunge = &x;
+    e.leader_time_ms = t0 + 20000;
+    void *buf;
+    size_t len;
+    CU_ASSERT_EQUAL_FATAL(propose_frame(&e, &buf, &len), 0);
+    CU_ASSERT_EQUAL(store_apply(b, ++idx, buf, len, NULL), 0);
+    free(buf);
+    CU_ASSERT_EQUAL(inbox_messages(b, "ben"), before);
+    apply_append_key(b, ++idx, t0 + 30000, &o3);
+    CU_ASSERT_EQUAL(o3.result, STORE_OK);
+    CU_ASSERT(o3.uid > o1.uid);
+    CU_ASSERT_EQUAL(inbox_messages(b, "ben"), before + 1);
+
+    /* past the window (300 s after o3) the key no longer matches */
+    apply_append_key(b, ++idx, t0 + 30000 + 301000, &o4);
+    CU_ASSERT_EQUAL(o4.result, STORE_OK);
+    CU_ASSERT(o4.uid > o3.uid);
+    CU_ASSERT_EQUAL(inbox_messages(b, "ben"), before + 2);
     store_close(&b);
 }
 
@@ -418,6 +510,7 @@ int main(void)
     CU_add_test(s, "replay gives same digest", test_replay_same_digest);
     CU_add_test(s, "reopen + re-apply is a no-op", test_reopen_reapply);
     CU_add_test(s, "same request id applies once", test_same_request_id);
+    CU_add_test(s, "content-keyed APPEND: retry, expunge, window", test_append_content_key);
     CU_add_test(s, "garbage refused, state unchanged", test_garbage);
     CU_basic_set_mode(CU_BRM_VERBOSE);
     CU_basic_run_tests();
