@@ -579,7 +579,7 @@ int imap_search_eval(const struct search_key *k, const struct search_rec *r,
 
 /* Per-message lazy state for the expensive tests. */
 struct smsg {
-    struct imap_session *s;
+    struct store *st;
     MDB_txn *txn;
     const struct store_msg *m;
     int blob_state; /* 0 not loaded, 1 loaded, -1 unavailable */
@@ -595,8 +595,7 @@ static int smsg_blob(struct smsg *x)
 {
     if (x->blob_state == 0) {
         x->blob_state = -1;
-        if (store_blob_get(x->s->node->store, x->txn, x->m->blob_id, &x->msg, &x->len) == 0)
-            x->blob_state = 1;
+        if (store_blob_get(x->st, x->txn, x->m->blob_id, &x->msg, &x->len) == 0) x->blob_state = 1;
     }
     return x->blob_state == 1;
 }
@@ -607,7 +606,7 @@ static int smsg_tree(struct smsg *x)
         x->tree_state = -1;
         if (!smsg_blob(x)) return 0;
         struct store_cache c;
-        if (store_blob_cache(x->s->node->store, x->txn, x->m->blob_id, &c) == 0 &&
+        if (store_blob_cache(x->st, x->txn, x->m->blob_id, &c) == 0 &&
             mime_tree_deserialize(c.parts, c.parts_len, x->len, &x->tree) == 0)
             x->tree_state = 1;
         else if (mime_tree_parse(x->msg, x->len, &x->tree) == 0)
@@ -638,8 +637,7 @@ static int smsg_sent_day(void *arg, int64_t *day_r)
         }
         if (x->sent_state < 0) {
             struct store_cache c;
-            if (store_blob_cache(x->s->node->store, x->txn, x->m->blob_id, &c) == 0 &&
-                c.sent_date != 0) {
+            if (store_blob_cache(x->st, x->txn, x->m->blob_id, &c) == 0 && c.sent_date != 0) {
                 x->sent_day = imap_search_day(c.sent_date, 0);
                 x->sent_state = 1;
             }
@@ -665,25 +663,24 @@ static int smsg_content(void *arg, const struct search_key *k)
     }
 }
 
+/* One search: everything it needs is copied or owned, so it can run on a
+ * worker thread with its own read transaction while the session waits. */
 struct search_run {
-    struct imap_session *s;
+    uv_work_t work;
+    struct imap_session *s; /* loop thread only */
+    struct store *st;
+    uint64_t mailbox_id;
     MDB_txn *txn;
-    const struct search_key *root;
-    const uint32_t *view;
-    size_t n_view, j; /* merge cursor into the session's view */
-    int uid_mode;
-    struct mbuf out;
+    struct search_key *root; /* owned */
+    uint32_t *view;          /* owned copy of the session's view (UIDs by MSN) */
+    size_t n_view, j;        /* merge cursor into the view */
+    uint32_t recent_min_uid;
+    int uid_mode, has_modseq, failed, uid_cmd;
+    struct mbuf out; /* " n n n" */
     size_t matches;
     uint64_t max_modseq;
+    struct search_run *next; /* queue of searches waiting for a worker */
 };
-
-static void search_flush(struct search_run *r, int final)
-{
-    if (r->out.len >= 65536 || (final && r->out.len)) {
-        cf_conn_write(r->s->conn, r->out.data, r->out.len);
-        r->out.len = 0;
-    }
-}
 
 static int search_cb(const struct store_msg *m, void *arg)
 {
@@ -693,7 +690,6 @@ static int search_cb(const struct store_msg *m, void *arg)
     if (r->j >= r->n_view) return 1;       /* past the view: done */
     if (r->view[r->j] != m->uid) return 0; /* not in this session's view (not announced yet) */
     uint32_t msn = (uint32_t)(r->j + 1);
-    struct imap_session *s = r->s;
     struct search_rec rec = {
         .msn = msn,
         .uid = m->uid,
@@ -703,18 +699,122 @@ static int search_cb(const struct store_msg *m, void *arg)
         .size = m->size,
         .internal_date = m->internal_date,
         .internal_tz_min = m->internal_tz_min,
-        .recent = s->sel.recent_min_uid != 0 && m->uid >= s->sel.recent_min_uid,
+        .recent = r->recent_min_uid != 0 && m->uid >= r->recent_min_uid,
         .modseq = m->modseq,
     };
-    struct smsg x = {.s = s, .txn = r->txn, .m = m};
+    struct smsg x = {.st = r->st, .txn = r->txn, .m = m};
     struct search_io io = {.sent_day = smsg_sent_day, .content = smsg_content, .arg = &x};
     if (imap_search_eval(r->root, &rec, &io)) {
         mbuf_printf(&r->out, " %u", r->uid_mode ? m->uid : msn);
         r->matches++;
         if (m->modseq > r->max_modseq) r->max_modseq = m->modseq;
-        search_flush(r, 0);
     }
     if (x.tree_state == 1) mime_tree_free(&x.tree);
+    return r->failed ? -1 : 0;
+}
+
+/* Runs on a worker thread (or inline for cheap searches): one read txn for
+ * the whole search, bounded by the view. Touches no session state. */
+static void search_exec(struct search_run *r)
+{
+    if (r->n_view == 0) return;
+    r->txn = store_rtxn_begin(r->st);
+    if (!r->txn) {
+        r->failed = 1;
+        return;
+    }
+    if (store_msg_foreach(r->st, r->txn, r->mailbox_id, r->view[0], r->view[r->n_view - 1],
+                          search_cb, r) < 0)
+        r->failed = 1;
+    store_rtxn_end(r->txn);
+    r->txn = NULL;
+}
+
+static void search_run_free(struct search_run *r)
+{
+    imap_search_free(r->root);
+    free(r->view);
+    mbuf_free(&r->out);
+    free(r);
+}
+
+/* Reply on the loop thread. The session stayed allocated while busy; if its
+ * connection closed meanwhile, imap_cmd_done frees it. */
+static void search_reply(struct search_run *r)
+{
+    struct imap_session *s = r->s;
+    const char *cname = r->uid_cmd ? "UID SEARCH" : "SEARCH";
+    if (s->conn == NULL) {
+        imap_cmd_done(s, "NO", NULL, "Connection closed");
+    } else if (r->failed) {
+        cf_error("imap: search in mailbox %llu failed", (unsigned long long)r->mailbox_id);
+        imap_cmd_done(s, "NO", "SERVERBUG", "Internal error");
+    } else {
+        struct mbuf line = {0};
+        mbuf_puts(&line, "* SEARCH");
+        if (r->out.len) mbuf_put(&line, r->out.data, r->out.len);
+        if (r->has_modseq && r->matches > 0)
+            mbuf_printf(&line, " (MODSEQ %llu)", (unsigned long long)r->max_modseq);
+        mbuf_puts(&line, "\r\n");
+        cf_conn_write(s->conn, line.data, line.len);
+        mbuf_free(&line);
+        imap_cmd_done(s, "OK", NULL, "%s completed", cname);
+    }
+    search_run_free(r);
+}
+
+/* Searches that read messages (HEADER, BODY, TEXT, SENT*) or walk a big
+ * view run on the libuv threadpool, at most SEARCH_WORKERS at once per
+ * process (the pool is shared with password hashing and disk work); the
+ * rest wait in FIFO order. Cheap ones run inline. */
+#define SEARCH_WORKERS 2
+#define SEARCH_INLINE_MAX_VIEW 20000
+
+static struct {
+    unsigned running;
+    struct search_run *head, *tail;
+} search_q;
+
+static void search_start_next(uv_loop_t *loop);
+
+static void search_work(uv_work_t *w)
+{
+    search_exec(w->data);
+}
+
+static void search_after(uv_work_t *w, int status)
+{
+    struct search_run *r = w->data;
+    uv_loop_t *loop = w->loop;
+    search_q.running--;
+    if (status != 0) r->failed = 1;
+    search_reply(r);
+    search_start_next(loop);
+}
+
+static void search_start_next(uv_loop_t *loop)
+{
+    while (search_q.running < SEARCH_WORKERS && search_q.head) {
+        struct search_run *r = search_q.head;
+        search_q.head = r->next;
+        if (!search_q.head) search_q.tail = NULL;
+        r->next = NULL;
+        r->work.data = r;
+        if (uv_queue_work(loop, &r->work, search_work, search_after) != 0) {
+            search_exec(r); /* cannot queue: run here rather than fail */
+            search_reply(r);
+            continue;
+        }
+        search_q.running++;
+    }
+}
+
+static int key_reads_messages(const struct search_key *k)
+{
+    for (; k; k = k->next) {
+        if (k->cost > 0) return 1;
+        if (k->child && key_reads_messages(k->child)) return 1;
+    }
     return 0;
 }
 
@@ -732,8 +832,6 @@ void imap_cmd_search(struct imap_session *s, struct imap_command *cmd, int uid)
 {
     size_t n;
     const struct imap_arg *args = cmd_args(cmd, &n);
-    const char *cname = uid ? "UID SEARCH" : "SEARCH";
-
     if (s->state != IMAP_S_SELECTED) {
         imap_cmd_done(s, "BAD", NULL, "No mailbox selected");
         return;
@@ -772,33 +870,33 @@ void imap_cmd_search(struct imap_session *s, struct imap_command *cmd, int uid)
     }
     if (has_modseq) s->condstore_enabled = 1; /* RFC 7162 3.1: first use enables CONDSTORE */
 
-    struct search_run r = {.s = s, .root = root, .view = view, .n_view = n_view, .uid_mode = uid};
-    mbuf_puts(&r.out, "* SEARCH");
-    if (n_view > 0) {
-        r.txn = store_rtxn_begin(s->node->store);
-        if (!r.txn) {
-            mbuf_free(&r.out);
-            imap_search_free(root);
-            imap_cmd_done(s, "NO", "SERVERBUG", "Internal error");
-            return;
-        }
-        /* One read txn for the whole search (bounded by the view). */
-        if (store_msg_foreach(s->node->store, r.txn, s->sel.mailbox_id, view[0], view[n_view - 1],
-                              search_cb, &r) < 0) {
-            store_rtxn_end(r.txn);
-            mbuf_free(&r.out);
-            imap_search_free(root);
-            cf_error("imap: search in mailbox %llu failed", (unsigned long long)s->sel.mailbox_id);
-            imap_cmd_done(s, "NO", "SERVERBUG", "Internal error");
-            return;
-        }
-        store_rtxn_end(r.txn);
+    struct search_run *r = calloc(1, sizeof(*r));
+    if (!r || (n_view && !(r->view = malloc(n_view * sizeof(uint32_t))))) {
+        free(r);
+        imap_search_free(root);
+        imap_cmd_done(s, "NO", "SERVERBUG", "Out of memory");
+        return;
     }
-    if (has_modseq && r.matches > 0)
-        mbuf_printf(&r.out, " (MODSEQ %llu)", (unsigned long long)r.max_modseq);
-    mbuf_puts(&r.out, "\r\n");
-    search_flush(&r, 1);
-    mbuf_free(&r.out);
-    imap_search_free(root);
-    imap_cmd_done(s, "OK", NULL, "%s completed", cname);
+    if (n_view) memcpy(r->view, view, n_view * sizeof(uint32_t));
+    r->s = s;
+    r->st = s->node->store;
+    r->mailbox_id = s->sel.mailbox_id;
+    r->root = root;
+    r->n_view = n_view;
+    r->recent_min_uid = s->sel.recent_min_uid;
+    r->uid_mode = uid;
+    r->uid_cmd = uid;
+    r->has_modseq = has_modseq;
+    if (n_view == 0 || (n_view <= SEARCH_INLINE_MAX_VIEW && !key_reads_messages(root))) {
+        search_exec(r);
+        search_reply(r);
+        return;
+    }
+    /* s stays busy (the session is kept allocated until imap_cmd_done) */
+    if (search_q.tail)
+        search_q.tail->next = r;
+    else
+        search_q.head = r;
+    search_q.tail = r;
+    search_start_next(s->node->loop);
 }

@@ -3,6 +3,8 @@
 CREATE/RENAME/DELETE (incl. RENAME INBOX), LIST/LSUB/SUBSCRIBE, STATUS."""
 import os
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from coffer_harness import (Lit, ServerTestCase, append, fetch_by_uid, fetches,  # noqa: E402
@@ -72,6 +74,54 @@ class Ops(ServerTestCase):
         by = fetch_by_uid(c2.ok("UID FETCH 1:* (FLAGS)"))
         self.assertEqual(flags_of(by[uids[1]]), ["\\draft", "kw1"])
         c2.close()
+
+    def test_search_runs_off_the_loop(self):
+        """A SEARCH that reads message bodies runs on a worker thread: while
+        one session searches 48 MiB, another session's NOOP is answered (if
+        the search held the event loop, its reply would come first)."""
+        self.c.ok("CREATE ops-bigsearch")
+        line = ("lorem ipsum dolor sit amet consectetur adipiscing elit " * 2)[:76] + "\r\n"
+        body = line * (1024 * 1024 // len(line))
+        for i in range(48):
+            append(self.c, "ops-bigsearch", make_message(subject="big %d" % i, body=body))
+        self.c.ok("SELECT ops-bigsearch")
+        other = self.srv.raw_login("alice")
+        try:
+            for attempt in range(3):
+                tag = "s%d" % attempt
+                got = {}
+
+                def reader():
+                    try:
+                        got["r"] = self.c.wait_tagged(tag, timeout=120)
+                    except Exception as e:  # noqa: BLE001 - reported below
+                        got["r"] = repr(e).encode()
+                    got["t"] = time.monotonic()
+
+                th = threading.Thread(target=reader, daemon=True)
+                sent = time.monotonic()
+                self.c.send(tag + " SEARCH OR BODY needle-a OR BODY needle-b TEXT needle-c\r\n")
+                th.start()
+                other.ok("NOOP")
+                noop_done = time.monotonic()
+                th.join(130)
+                self.assertTrue(ok(got.get("r", b"")), got)
+                # Inline, the NOOP would wait for the whole search and both
+                # answers would arrive together; off the loop the NOOP is
+                # answered at once and the search much later.
+                noop_wait, search_after = noop_done - sent, got["t"] - noop_done
+                sys.stderr.write("search %d: NOOP answered after %.3f s, SEARCH %.3f s later\n"
+                                 % (attempt, noop_wait, search_after))
+                if search_after > noop_wait:
+                    break
+            self.assertGreater(search_after, noop_wait,
+                               "another session's NOOP waited for the SEARCH")
+            u = self.c.ok("SEARCH BODY amet SUBJECT \"big 47\"")
+            self.assertEqual(search_result(u), [48])
+        finally:
+            other.close()
+            self.c.ok("CLOSE")
+            self.c.ok("DELETE ops-bigsearch")
 
     def test_search(self):
         self.c.ok("CREATE ops-search")
