@@ -69,6 +69,28 @@ struct rep {
     int refuse_entries;       /* rep_set_refuse_entries */
     uint64_t refused_appends; /* messages whose entries were refused */
 
+    /* Raft tick after a stalled loop (see gate_tick) */
+    uv_idle_t tick_idle;
+    uv_check_t tick_check;
+    int tick_handles;      /* tick_idle/tick_check initialised */
+    int tick_deferred;     /* a tick waits for the end of this loop iteration */
+    uint64_t last_tick_ms; /* uv_now() of the previous tick */
+    uint64_t stall_log_ms; /* last "loop blocked" warning */
+    uint64_t stalls;       /* ticks deferred after a blocked loop */
+    uint64_t elections;    /* times this node became candidate */
+    uint64_t sends_cut;    /* AppendEntries cut to REP_SEND_MAX_BYTES */
+
+    /* Fragmented entries (see "Large entries" below) */
+    uint64_t fragment_bytes; /* payload per fragment; entries above are split */
+    uint32_t frag_counter;   /* proposer side: messages split so far */
+    struct {
+        int active;
+        uint64_t term;
+        uint32_t counter, count, next_seq;
+        uint64_t total, received, first_index;
+        unsigned char *buf;
+    } part; /* apply side: the message being reassembled */
+
     int transport_init, io_init, raft_init, started;
     int closing, closed;
     int pending_closes;      /* raft_close + role timer */
@@ -185,6 +207,154 @@ static const char *state_name(int state)
 
 static int frame_open(const struct raft_buffer *buf, const void **data_r, size_t *len_r);
 
+/* ---- Large entries: fragments ----
+ *
+ * libraft 0.15 handles one entry in one piece on the loop thread: the
+ * leader's and every follower's log write copies it into an aligned buffer
+ * and computes its CRC32 byte by byte, and the leader sends it as one
+ * AppendEntries message. For a 50 MiB message that was 0.7-0.9 s per node
+ * on a busy 2-core machine, during which no heartbeat went out or was read
+ * (elections under load). So rep_propose splits a payload above
+ * fragment_bytes into fragments, each its own Raft entry and raft_apply (so
+ * each is written and sent on its own; libraft batches log writes at most
+ * per 8 MiB segment), all appended in one go so that they are contiguous
+ * in the log. The apply side reassembles them and calls ops->apply once,
+ * with the whole payload, at the index of the last fragment; the FSM never
+ * sees a fragment.
+ *
+ * Fragment frame (every field little-endian, header 40 bytes):
+ *   u32 REP_FRAG_MAGIC, u32 fragment length, u64 proposer's term,
+ *   u32 message counter, u32 seq, u32 count, u32 0, u64 total length,
+ *   fragment bytes, zero padding to a multiple of 8.
+ * (term, counter) names the message: one leader per term, and the counter
+ * grows within the leader's process.
+ *
+ * Every node sees the same committed log, so the rules below decide the
+ * same way everywhere: a fragment with seq 0 starts a message (dropping an
+ * unfinished one), the next seq of the same message continues it, anything
+ * else ends an unfinished message (its proposer lost leadership before all
+ * fragments were appended; its proposal failed, so nothing was
+ * acknowledged) and a stray continuation is ignored. A snapshot is refused
+ * (RAFT_BUSY: libraft retries after the next entry) while a message is
+ * unfinished, so a snapshot never splits a message and the log replayed
+ * after a restart always holds whole messages. */
+#define REP_FRAG_MAGIC 0x47465243u /* "CRFG" little-endian */
+#define REP_FRAG_HDR 40
+#define REP_FRAGMENT_DEFAULT (1024u * 1024u)
+#define REP_FRAGMENT_MIN 4096u
+
+struct frag_hdr {
+    uint32_t len, counter, seq, count;
+    uint64_t term, total;
+};
+
+static uint64_t get_u64le(const unsigned char *p);
+static uint32_t get_u32le(const unsigned char *p);
+
+static int frag_open(const struct raft_buffer *buf, struct frag_hdr *h,
+                     const unsigned char **data_r)
+{
+    const unsigned char *p = buf->base;
+
+    if (buf->len < REP_FRAG_HDR || buf->len % 8 != 0 || get_u32le(p) != REP_FRAG_MAGIC) return -1;
+    h->len = get_u32le(p + 4);
+    h->term = get_u64le(p + 8);
+    h->counter = get_u32le(p + 16);
+    h->seq = get_u32le(p + 20);
+    h->count = get_u32le(p + 24);
+    h->total = get_u64le(p + 32);
+    if (REP_FRAG_HDR + (((size_t)h->len + 7) & ~(size_t)7) != buf->len) return -1;
+    if (h->count < 2 || h->seq >= h->count || h->len == 0 || h->len > h->total ||
+        h->total > UINT32_MAX)
+        return -1;
+    *data_r = p + REP_FRAG_HDR;
+    return 0;
+}
+
+static int is_fragment(const struct raft_buffer *buf)
+{
+    return buf->len >= 8 && get_u32le(buf->base) == REP_FRAG_MAGIC;
+}
+
+static void part_drop(struct rep *r, uint64_t index, const char *why)
+{
+    if (!r->part.active) return;
+    cf_warn("rep: dropping an unfinished fragmented entry (%" PRIu32 " of %" PRIu32
+            " fragments from index %" PRIu64 ", %" PRIu64 " bytes) at index %" PRIu64 ": %s",
+            r->part.next_seq, r->part.count, r->part.first_index, r->part.total, index, why);
+    free(r->part.buf);
+    memset(&r->part, 0, sizeof r->part);
+}
+
+static void part_reset(struct rep *r)
+{
+    free(r->part.buf);
+    memset(&r->part, 0, sizeof r->part);
+}
+
+/* A fragment at `index`: 0, or -1 when the node must stop applying (out of
+ * memory, or ops->apply failed for the completed message). */
+static int apply_fragment(struct rep *r, uint64_t index, const struct raft_buffer *buf)
+{
+    struct frag_hdr h;
+    const unsigned char *data;
+    uint64_t off;
+
+    if (frag_open(buf, &h, &data) != 0) {
+        cf_crit("rep: malformed fragment frame at index %" PRIu64 " (%zu bytes): stopping apply",
+                index, (size_t)buf->len);
+        return -1;
+    }
+    if (h.seq == 0) {
+        part_drop(r, index, "a new fragmented entry starts");
+        r->part.buf = malloc(h.total);
+        if (r->part.buf == NULL) {
+            cf_crit("rep: out of memory for a %" PRIu64 "-byte entry at index %" PRIu64
+                    ": stopping apply",
+                    h.total, index);
+            return -1;
+        }
+        r->part.active = 1;
+        r->part.term = h.term;
+        r->part.counter = h.counter;
+        r->part.count = h.count;
+        r->part.total = h.total;
+        r->part.first_index = index;
+    } else if (!r->part.active || r->part.term != h.term || r->part.counter != h.counter ||
+               r->part.next_seq != h.seq || r->part.count != h.count || r->part.total != h.total) {
+        /* Its beginning was dropped (or is not in this log): ignore, the
+         * same way on every node. */
+        cf_warn("rep: ignoring fragment %" PRIu32 "/%" PRIu32
+                " of a dropped entry at index %" PRIu64,
+                h.seq + 1, h.count, index);
+        part_drop(r, index, "fragments out of sequence");
+        return 0;
+    }
+    off = r->part.received;
+    if (off + h.len > r->part.total || (h.seq + 1 == h.count && off + h.len != r->part.total)) {
+        cf_warn("rep: fragment lengths do not add up at index %" PRIu64, index);
+        part_drop(r, index, "inconsistent fragment lengths");
+        return 0;
+    }
+    memcpy(r->part.buf + off, data, h.len);
+    r->part.received = off + h.len;
+    r->part.next_seq = h.seq + 1;
+    if (r->part.next_seq < r->part.count) return 0;
+    {
+        unsigned char *msg = r->part.buf;
+        uint64_t total = r->part.total;
+        int rv;
+        memset(&r->part, 0, sizeof r->part); /* whole now: not "unfinished" during apply */
+        rv = r->ops.apply(r->fsm_data, index, msg, (size_t)total);
+        free(msg);
+        if (rv != 0) {
+            cf_crit("rep: FSM apply failed at index %" PRIu64 ": node stops applying", index);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void **result)
 {
     struct rep *r = fsm->data;
@@ -205,17 +375,25 @@ static int fsm_apply(struct raft_fsm *fsm, const struct raft_buffer *buf, void *
         r->fatal = 1;
         return RAFT_IOERR;
     }
-    if (frame_open(buf, &data, &len) != 0) {
-        cf_crit("rep: malformed entry frame at index %" PRIu64 " (%zu bytes): stopping apply",
-                index, (size_t)buf->len);
-        r->fatal = 1;
-        return RAFT_IOERR;
-    }
-    rv = r->ops.apply(r->fsm_data, index, data, len);
-    if (rv != 0) {
-        cf_crit("rep: FSM apply failed at index %" PRIu64 ": node stops applying", index);
-        r->fatal = 1;
-        return RAFT_IOERR;
+    if (is_fragment(buf)) {
+        if (apply_fragment(r, index, buf) != 0) {
+            r->fatal = 1;
+            return RAFT_IOERR;
+        }
+    } else {
+        if (frame_open(buf, &data, &len) != 0) {
+            cf_crit("rep: malformed entry frame at index %" PRIu64 " (%zu bytes): stopping apply",
+                    index, (size_t)buf->len);
+            r->fatal = 1;
+            return RAFT_IOERR;
+        }
+        part_drop(r, index, "its proposer lost leadership before all fragments were appended");
+        rv = r->ops.apply(r->fsm_data, index, data, len);
+        if (rv != 0) {
+            cf_crit("rep: FSM apply failed at index %" PRIu64 ": node stops applying", index);
+            r->fatal = 1;
+            return RAFT_IOERR;
+        }
     }
     r->last_apply_index = index;
     /* Compaction by bytes: libraft 0.15 only counts entries. Once the
@@ -250,6 +428,13 @@ static int fsm_snapshot(struct raft_fsm *fsm, struct raft_buffer *bufs[], unsign
     struct raft_buffer *arr;
 
     if (r->fatal) return RAFT_IOERR;
+    if (r->part.active) {
+        /* Never between the fragments of one entry (see "Large entries"):
+         * libraft tries again after the next entry. */
+        cf_debug("rep: snapshot at index %" PRIu64 " postponed: fragmented entry unfinished",
+                 index);
+        return RAFT_BUSY;
+    }
     if (r->ops.snapshot(r->fsm_data, index, &desc, &len) != 0) {
         cf_error("rep: FSM snapshot at index %" PRIu64 " failed", index);
         return RAFT_IOERR;
@@ -343,6 +528,7 @@ static int fsm_restore(struct raft_fsm *fsm, struct raft_buffer *buf)
     }
     r->restore_retries = 0;
     r->bytes_since_snapshot = 0;
+    part_reset(r); /* the log continues after the snapshot, at an entry boundary */
     raft_free(buf->base);
     return 0;
 }
@@ -367,6 +553,10 @@ static struct {
     struct rep *rep;
     int (*start)(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick, raft_io_recv_cb recv);
     raft_io_recv_cb recv;
+    raft_io_tick_cb tick;
+    unsigned msecs;
+    int (*send)(struct raft_io *io, struct raft_io_send *req, const struct raft_message *m,
+                raft_io_send_cb cb);
 } gates[REP_GATES];
 
 static int gate_find(const struct raft_io *io)
@@ -428,13 +618,149 @@ static void gate_recv(struct raft_io *io, struct raft_message *m)
     gates[g].recv(io, m);
 }
 
+/* ---- Raft tick after a blocked loop ----
+ *
+ * libraft's tick (a uv timer every heartbeat interval) is where a follower
+ * notices an expired election timer and a leader checks that a majority
+ * answered within the election timeout. libuv runs due timers at the start
+ * of a loop iteration, before it polls for I/O. So after the loop thread
+ * was blocked for longer than the election timeout (a large entry being
+ * encoded or applied, a slow disk under a synchronous call), the tick ran
+ * before the heartbeats and replies that had arrived meanwhile were read:
+ * the follower started an election although the leader was alive and its
+ * messages were waiting in the socket, and a leader could step down for
+ * replies it had not read yet. rep therefore wraps the tick: when it comes
+ * late (the loop was blocked for two heartbeat intervals or more), the tick
+ * is moved to the end of the same loop iteration (uv_check), after a
+ * non-blocking poll (uv_idle) has delivered whatever arrived, and the time
+ * the loop was blocked is added back to the election timer (a node cannot
+ * tell a silent peer from its own deafness, and on one busy machine every
+ * node stalls at once). A leader that really is gone is noticed late by at
+ * most the time this node itself was blocked. */
+#define REP_STALL_LOG_MS 10000
+
+static void tick_forward(struct rep *r, int g)
+{
+    int was = raft_state(r->rp);
+
+    gates[g].tick(gates[g].io);
+    if (was != RAFT_CANDIDATE && raft_state(r->rp) == RAFT_CANDIDATE) r->elections++;
+}
+
+static void tick_idle_cb(uv_idle_t *h)
+{
+    (void)h; /* only keeps the next poll from blocking */
+}
+
+static void tick_check_cb(uv_check_t *h)
+{
+    struct rep *r = h->data;
+    int g;
+
+    uv_check_stop(&r->tick_check);
+    uv_idle_stop(&r->tick_idle);
+    r->tick_deferred = 0;
+    if (r->closing) return;
+    g = gate_find(r->rp->io);
+    if (g >= 0 && gates[g].tick != NULL) tick_forward(r, g);
+}
+
+static void gate_tick(struct raft_io *io)
+{
+    int g = gate_find(io);
+    struct rep *r;
+    uint64_t now, gap;
+
+    if (g < 0) return;
+    r = gates[g].rep;
+    if (r->loop == NULL || !r->tick_handles) {
+        tick_forward(r, g);
+        return;
+    }
+    now = uv_now(r->loop);
+    gap = r->last_tick_ms != 0 && now > r->last_tick_ms ? now - r->last_tick_ms : 0;
+    r->last_tick_ms = now;
+    if (r->tick_deferred) return;
+    if (gates[g].msecs > 0 && gap >= 2 * (uint64_t)gates[g].msecs) {
+        int state = raft_state(r->rp);
+        uint64_t blocked = gap - gates[g].msecs;
+        r->stalls++;
+        /* Time this node could not listen does not count: a follower
+         * whose leader was blocked at the same time (a whole machine or VM
+         * pausing), or a leader whose followers' answers it could not read,
+         * get the blocked time back on the election timer. Failover after
+         * a real crash is late by at most the time this node was blocked. */
+        if (state == RAFT_FOLLOWER || state == RAFT_LEADER) {
+            raft_time t = r->rp->election_timer_start + blocked;
+            r->rp->election_timer_start = t < now ? t : now;
+        }
+        if (gap >= r->cfg.election_timeout_ms / 2 && now - r->stall_log_ms >= REP_STALL_LOG_MS) {
+            r->stall_log_ms = now;
+            cf_warn("rep: the event loop was blocked for about %" PRIu64
+                    " ms (election timeout %" PRIu64 " ms); pending Raft messages are read "
+                    "before the next tick, and the blocked time does not count",
+                    blocked, r->cfg.election_timeout_ms);
+        } else {
+            cf_debug("rep: event loop blocked for about %" PRIu64 " ms", blocked);
+        }
+        r->tick_deferred = 1;
+        uv_idle_start(&r->tick_idle, tick_idle_cb);
+        uv_check_start(&r->tick_check, tick_check_cb);
+        return;
+    }
+    tick_forward(r, g);
+}
+
+/* ---- bounded AppendEntries ----
+ *
+ * libraft 0.15 puts every entry from a follower's next index up to the end
+ * of the log into one AppendEntries message (no size limit), and while it
+ * probes a follower (after an election, a rejection, a reconnect) it sends
+ * that message again every heartbeat until it gets an answer. A follower
+ * that is behind by a few large entries then got one message of hundreds
+ * of MiB, which it decodes and writes in one go on its loop thread, again
+ * and again. rep cuts such a message to its first entries up to
+ * REP_SEND_MAX_BYTES (at least one entry): a shorter AppendEntries is as
+ * valid as the full one (the follower appends that prefix and answers with
+ * its last index, the leader sends the rest next). When the leader had
+ * already counted the whole message as sent (pipeline mode), its next
+ * message is rejected by the follower and the leader goes back to probing
+ * from what the follower has, so catching up proceeds in bounded steps. */
+#define REP_SEND_MAX_BYTES (4u * 1024u * 1024u)
+
+static int gate_send(struct raft_io *io, struct raft_io_send *req, const struct raft_message *m,
+                     raft_io_send_cb cb)
+{
+    int g = gate_find(io);
+
+    if (g < 0) return RAFT_IOERR; /* cannot happen: installed with the gate */
+    if (m->type == RAFT_IO_APPEND_ENTRIES && m->append_entries.n_entries > 1) {
+        const struct raft_append_entries *ae = &m->append_entries;
+        uint64_t sum = 0;
+        unsigned k;
+        for (k = 0; k < ae->n_entries; k++) {
+            sum += ae->entries[k].buf.len;
+            if (k > 0 && sum > REP_SEND_MAX_BYTES) break;
+        }
+        if (k < ae->n_entries) {
+            struct raft_message cut = *m; /* encoded right away by the transport */
+            cut.append_entries.n_entries = k;
+            gates[g].rep->sends_cut++;
+            return gates[g].send(io, req, &cut, cb);
+        }
+    }
+    return gates[g].send(io, req, m, cb);
+}
+
 static int gate_start(struct raft_io *io, unsigned msecs, raft_io_tick_cb tick,
                       raft_io_recv_cb recv)
 {
     int g = gate_find(io);
     if (g < 0) return RAFT_IOERR;
     gates[g].recv = recv;
-    return gates[g].start(io, msecs, tick, gate_recv);
+    gates[g].tick = tick;
+    gates[g].msecs = msecs;
+    return gates[g].start(io, msecs, gate_tick, gate_recv);
 }
 
 static int gate_install(struct rep *r, struct raft_io *io)
@@ -449,6 +775,8 @@ static int gate_install(struct rep *r, struct raft_io *io)
     gates[g].rep = r;
     gates[g].start = io->start;
     io->start = gate_start;
+    gates[g].send = io->send;
+    io->send = gate_send;
     return 0;
 }
 
@@ -566,6 +894,8 @@ struct rep *rep_create(uv_loop_t *loop, const struct rep_config *cfg, const stru
     r->cfg.address = r->address;
     r->cfg.data_dir = r->data_dir;
     r->last_state = -1;
+    r->fragment_bytes = cfg->fragment_bytes == 0 ? REP_FRAGMENT_DEFAULT : cfg->fragment_bytes;
+    if (r->fragment_bytes < REP_FRAGMENT_MIN) r->fragment_bytes = REP_FRAGMENT_MIN;
 
     r->fsm.version = 2;
     r->fsm.data = r;
@@ -683,6 +1013,11 @@ int rep_start_mode(struct rep *r, int bootstrap, char *err, size_t errlen)
         snprintf(err, errlen, "rep: uv_timer_start: %s", uv_strerror(rv));
         return -1;
     }
+    uv_idle_init(r->loop, &r->tick_idle);
+    uv_check_init(r->loop, &r->tick_check);
+    r->tick_idle.data = r;
+    r->tick_check.data = r;
+    r->tick_handles = 1;
     cf_info("rep: started node %" PRIu64 " at %s (dir %s, last index %" PRIu64 ", snapshot %" PRIu64
             ")",
             r->cfg.node_id, r->address, r->data_dir, (uint64_t)raft_last_index(&r->raft),
@@ -721,6 +1056,39 @@ static void put_u32le(unsigned char *p, uint32_t v)
 static uint32_t get_u32le(const unsigned char *p)
 {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void put_u64le(unsigned char *p, uint64_t v)
+{
+    put_u32le(p, (uint32_t)v);
+    put_u32le(p + 4, (uint32_t)(v >> 32));
+}
+
+static uint64_t get_u64le(const unsigned char *p)
+{
+    return (uint64_t)get_u32le(p) | (uint64_t)get_u32le(p + 4) << 32;
+}
+
+/* A fragment frame (raft_malloc()ed) of `len` bytes of `data`. */
+static void *frag_build(const unsigned char *data, size_t len, uint64_t term, uint32_t counter,
+                        uint32_t seq, uint32_t count, uint64_t total, size_t *len_r)
+{
+    size_t flen = REP_FRAG_HDR + pad8(len);
+    unsigned char *f = raft_malloc(flen);
+
+    if (f == NULL) return NULL;
+    put_u32le(f, REP_FRAG_MAGIC);
+    put_u32le(f + 4, (uint32_t)len);
+    put_u64le(f + 8, term);
+    put_u32le(f + 16, counter);
+    put_u32le(f + 20, seq);
+    put_u32le(f + 24, count);
+    put_u32le(f + 28, 0);
+    put_u64le(f + 32, total);
+    memcpy(f + REP_FRAG_HDR, data, len);
+    memset(f + REP_FRAG_HDR + len, 0, pad8(len) - len);
+    *len_r = flen;
+    return f;
 }
 
 void *rep_buf_alloc(size_t len)
@@ -766,63 +1134,257 @@ static void apply_cb(struct raft_apply *req, int status, void *result)
     free(q);
 }
 
-int rep_propose(struct rep *r, void *buf, size_t len, rep_propose_cb cb, void *arg)
+/* One proposal split into fragments: the caller's callback fires once,
+ * when the last submitted fragment's callback has fired (applied, or
+ * failed). */
+struct rep_msg {
+    rep_propose_cb cb;
+    void *arg;
+    unsigned outstanding;
+    int status; /* first failure, 0 if none */
+};
+
+struct rep_frag_req {
+    struct raft_apply apply;
+    struct rep_msg *msg;
+};
+
+static void frag_apply_cb(struct raft_apply *req, int status, void *result)
+{
+    struct rep_frag_req *fq = req->data;
+    struct rep_msg *m = fq->msg;
+
+    (void)result;
+    free(fq);
+    if (status != 0 && m->status == 0) {
+        m->status = status;
+        if (status != RAFT_LEADERSHIPLOST && status != RAFT_SHUTDOWN && status != RAFT_CANCELED)
+            cf_warn("rep: proposal failed: %s", raft_strerror(status));
+    }
+    if (--m->outstanding > 0) return;
+    m->cb(m->arg, map_status(m->status));
+    free(m);
+}
+
+/* A proposal ready for raft_apply: the framed entry, or its fragments
+ * (term and counter filled in when submitted). */
+struct rep_prepared {
+    size_t len;     /* payload bytes */
+    uint32_t count; /* 1: `one`; else fragments */
+    void *one;      /* framed entry (count == 1) */
+    size_t one_len;
+    void **frag; /* fragment frames */
+    size_t *frag_len;
+};
+
+static void prepared_free(struct rep_prepared *p)
+{
+    if (p == NULL) return;
+    if (p->one != NULL) raft_free(p->one);
+    for (uint32_t i = 0; p->frag != NULL && i < p->count; i++)
+        if (p->frag[i] != NULL) raft_free(p->frag[i]);
+    free(p->frag);
+    free(p->frag_len);
+    free(p);
+}
+
+/* Frame `len` payload bytes at `base` (from rep_buf_alloc) for raft_apply,
+ * split into fragments above `fb` bytes (see "Large entries"). Takes
+ * `base`. Any thread: only memory is touched. NULL when out of memory. */
+static struct rep_prepared *prepare(uint64_t fb, unsigned char *base, size_t len)
+{
+    struct rep_prepared *p = calloc(1, sizeof *p);
+    uint32_t count;
+
+    if (p == NULL) goto fail;
+    p->len = len;
+    if (len <= fb) {
+        put_u32le(base + 4, (uint32_t)len);
+        memset(base + REP_FRAME_HDR + len, 0, pad8(len) - len);
+        p->count = 1;
+        p->one = base;
+        p->one_len = REP_FRAME_HDR + pad8(len);
+        return p;
+    }
+    count = (uint32_t)((len + fb - 1) / fb);
+    p->frag = calloc(count, sizeof *p->frag);
+    p->frag_len = calloc(count, sizeof *p->frag_len);
+    if (p->frag == NULL || p->frag_len == NULL) goto fail;
+    p->count = count;
+    for (uint32_t seq = 0; seq < count; seq++) {
+        size_t off = (size_t)seq * fb, n = len - off < fb ? len - off : (size_t)fb;
+        p->frag[seq] =
+            frag_build(base + REP_FRAME_HDR + off, n, 0, 0, seq, count, len, &p->frag_len[seq]);
+        if (p->frag[seq] == NULL) goto fail;
+    }
+    raft_free(base);
+    return p;
+
+fail:
+    raft_free(base);
+    prepared_free(p);
+    return NULL;
+}
+
+/* raft_apply a prepared proposal; takes `p`. 0 (cb fires once) or a
+ * negative rep status (cb does not fire). Fragments are appended back to
+ * back, in this one call, so they are contiguous in the log. */
+static int submit(struct rep *r, struct rep_prepared *p, rep_propose_cb cb, void *arg)
 {
     struct raft_buffer b;
-    struct rep_req *q;
-    int rv;
+    struct rep_msg *m;
+    uint32_t counter;
+    int rv, status;
 
+    if (p->count == 1) {
+        struct rep_req *q = calloc(1, sizeof *q);
+        if (q == NULL) {
+            prepared_free(p);
+            return REP_ENOMEM;
+        }
+        q->rep = r;
+        q->cb = cb;
+        q->arg = arg;
+        q->u.apply.data = q;
+        b.base = p->one;
+        b.len = p->one_len;
+        rv = raft_apply(&r->raft, &q->u.apply, &b, 1, apply_cb);
+        if (rv != 0) {
+            free(q);
+            prepared_free(p);
+            return map_status(rv);
+        }
+        p->one = NULL; /* raft's now */
+        prepared_free(p);
+        return 0;
+    }
+    m = calloc(1, sizeof *m);
+    if (m == NULL) {
+        prepared_free(p);
+        return REP_ENOMEM;
+    }
+    m->cb = cb;
+    m->arg = arg;
+    m->outstanding = 1; /* held until every fragment is submitted */
+    counter = ++r->frag_counter;
+    for (uint32_t seq = 0; seq < p->count; seq++) {
+        struct rep_frag_req *fq = calloc(1, sizeof *fq);
+        unsigned char *f = p->frag[seq];
+
+        put_u64le(f + 8, r->raft.current_term);
+        put_u32le(f + 16, counter);
+        rv = RAFT_NOMEM;
+        if (fq != NULL) {
+            fq->msg = m;
+            fq->apply.data = fq;
+            b.base = f;
+            b.len = p->frag_len[seq];
+            rv = raft_apply(&r->raft, &fq->apply, &b, 1, frag_apply_cb);
+            if (rv == 0)
+                p->frag[seq] = NULL; /* raft's now */
+            else
+                free(fq);
+        }
+        if (rv != 0) {
+            /* The fragments already appended end as an unfinished entry,
+             * dropped on every node when the next entry is applied. */
+            if (seq == 0) {
+                free(m);
+                status = map_status(rv);
+                prepared_free(p);
+                return status;
+            }
+            cf_warn("rep: proposal of %zu bytes failed after %" PRIu32 " of %" PRIu32
+                    " fragments: %s",
+                    p->len, seq, p->count, raft_strerror(rv));
+            if (m->status == 0) m->status = rv;
+            break;
+        }
+        m->outstanding++;
+    }
+    prepared_free(p);
+    if (--m->outstanding == 0) { /* not reached: fragment 0 was submitted */
+        m->cb(m->arg, map_status(m->status));
+        free(m);
+    }
+    return 0;
+}
+
+/* Checks shared by rep_propose and rep_propose_prepared: 0 or a status. */
+static int can_propose(struct rep *r, size_t len)
+{
+    if (r->closing || !r->started) return REP_ESHUTDOWN;
+    if (r->cfg.max_entry_bytes > 0 && len > r->cfg.max_entry_bytes) return REP_ETOOBIG;
+    if (r->fatal) return REP_EIO;
+    if (raft_state(&r->raft) != RAFT_LEADER) return REP_ENOTLEADER;
+    return 0;
+}
+
+/* A rep_buf_alloc buffer's frame base, or NULL (logged) when `buf` is not
+ * one or `len` exceeds its capacity. */
+static unsigned char *frame_base(void *buf, size_t len)
+{
+    unsigned char *base = (unsigned char *)buf - REP_FRAME_HDR;
+
+    if (get_u32le(base) != REP_FRAME_MAGIC || len > get_u32le(base + 4)) {
+        /* Not from rep_buf_alloc, or longer than allocated: a caller bug. */
+        cf_error("rep: proposal buffer not from rep_buf_alloc, or longer than allocated");
+        return NULL;
+    }
+    return base;
+}
+
+int rep_propose(struct rep *r, void *buf, size_t len, rep_propose_cb cb, void *arg)
+{
     unsigned char *base;
+    struct rep_prepared *p;
     int status;
 
     if (buf == NULL) return REP_ENOMEM;
-    base = (unsigned char *)buf - REP_FRAME_HDR;
-    if (get_u32le(base) != REP_FRAME_MAGIC || len > get_u32le(base + 4)) {
-        /* Not from rep_buf_alloc, or longer than allocated: a caller bug. */
-        cf_error("rep: rep_propose with a buffer not from rep_buf_alloc or overrun");
-        status = REP_EIO;
-        goto refuse;
+    base = frame_base(buf, len);
+    if (base == NULL) {
+        raft_free((unsigned char *)buf - REP_FRAME_HDR);
+        return REP_EIO;
     }
-    if (r->closing || !r->started) {
-        status = REP_ESHUTDOWN;
-        goto refuse;
+    status = can_propose(r, len);
+    if (status != 0) {
+        raft_free(base);
+        return status;
     }
-    if (r->cfg.max_entry_bytes > 0 && len > r->cfg.max_entry_bytes) {
-        status = REP_ETOOBIG;
-        goto refuse;
-    }
-    if (r->fatal) {
-        status = REP_EIO;
-        goto refuse;
-    }
-    if (raft_state(&r->raft) != RAFT_LEADER) {
-        status = REP_ENOTLEADER;
-        goto refuse;
-    }
-    q = calloc(1, sizeof *q);
-    if (q == NULL) {
-        status = REP_ENOMEM;
-        goto refuse;
-    }
-    q->rep = r;
-    q->cb = cb;
-    q->arg = arg;
-    q->u.apply.data = q;
-    put_u32le(base + 4, (uint32_t)len);
-    memset(base + REP_FRAME_HDR + len, 0, pad8(len) - len);
-    b.base = base;
-    b.len = REP_FRAME_HDR + pad8(len);
-    rv = raft_apply(&r->raft, &q->u.apply, &b, 1, apply_cb);
-    if (rv != 0) {
-        free(q);
-        status = map_status(rv);
-        goto refuse;
-    }
-    return 0;
+    p = prepare(r->fragment_bytes, base, len);
+    if (p == NULL) return REP_ENOMEM;
+    return submit(r, p, cb, arg);
+}
 
-refuse:
-    raft_free(base);
-    return status;
+struct rep_prepared *rep_prepare(const struct rep *r, void *buf, size_t len)
+{
+    unsigned char *base;
+
+    if (buf == NULL) return NULL;
+    base = frame_base(buf, len);
+    if (base == NULL) {
+        raft_free((unsigned char *)buf - REP_FRAME_HDR);
+        return NULL;
+    }
+    return prepare(r->fragment_bytes, base, len);
+}
+
+int rep_propose_prepared(struct rep *r, struct rep_prepared *p, rep_propose_cb cb, void *arg)
+{
+    int status;
+
+    if (p == NULL) return REP_ENOMEM;
+    status = can_propose(r, p->len);
+    if (status != 0) {
+        prepared_free(p);
+        return status;
+    }
+    return submit(r, p, cb, arg);
+}
+
+void rep_prepared_free(struct rep_prepared *p)
+{
+    prepared_free(p);
 }
 
 static void barrier_cb(struct raft_barrier *req, int status)
@@ -888,6 +1450,8 @@ void rep_get_info(const struct rep *r, struct rep_info *info_r)
     info_r->leader_id = leader_id;
     if (leader_addr != NULL)
         snprintf(info_r->leader_address, sizeof info_r->leader_address, "%s", leader_addr);
+    info_r->elections_started = r->elections;
+    info_r->loop_stalls = r->stalls;
 }
 
 void rep_set_role_cb(struct rep *r, void (*cb)(void *arg, int is_leader), void *arg)
@@ -944,6 +1508,13 @@ static void close_now(struct rep *r)
         uv_timer_stop(&r->role_timer);
         uv_close((uv_handle_t *)&r->role_timer, role_timer_close_cb);
     }
+    if (r->tick_handles) {
+        r->tick_handles = 0;
+        r->tick_deferred = 0;
+        r->pending_closes += 2;
+        uv_close((uv_handle_t *)&r->tick_idle, role_timer_close_cb);
+        uv_close((uv_handle_t *)&r->tick_check, role_timer_close_cb);
+    }
     /* raft_close also closes r->io (io->close); pending requests fire with
      * an error status meanwhile. */
     raft_close(&r->raft, on_raft_closed);
@@ -989,6 +1560,7 @@ void rep_destroy(struct rep **rp)
         return;
     }
     gate_remove(r);
+    part_reset(r);
     free(r->address);
     free(r->data_dir);
     free(r);
@@ -1333,6 +1905,7 @@ void rep_adapter_destroy(struct rep_fsm_adapter **a)
 {
     if (a == NULL || *a == NULL) return;
     gate_remove((struct rep *)*a);
+    part_reset((struct rep *)*a);
     free(*a);
     *a = NULL;
 }
@@ -1344,6 +1917,12 @@ void rep_frame_finish(void *buf, size_t len, void **base_r, size_t *len_r)
     memset(base + REP_FRAME_HDR + len, 0, pad8(len) - len);
     *base_r = base;
     *len_r = REP_FRAME_HDR + pad8(len);
+}
+
+void *rep_frame_fragment(const void *data, size_t len, uint64_t term, uint32_t counter,
+                         uint32_t seq, uint32_t count, uint64_t total, size_t *len_r)
+{
+    return frag_build(data, len, term, counter, seq, count, total, len_r);
 }
 
 void rep_set_refuse_entries(struct rep *r, int refuse)

@@ -13,6 +13,11 @@
  *
  * Snapshots: ops->snapshot returns a small descriptor (never the store);
  * ops->restore gets it back on start or on InstallSnapshot.
+ *
+ * Large proposals (above fragment_bytes) travel as several Raft entries
+ * and are reassembled before ops->apply, which sees the whole payload once,
+ * at the index of the last of them (so consecutive applied indexes may
+ * jump). A snapshot is never taken between them.
  */
 #ifndef REP_H
 #define REP_H
@@ -71,6 +76,8 @@ struct rep_config {
                                      since the last one, and keep at most this many bytes of
                                      trailing entries after it (0: entries only) */
     uint64_t max_entry_bytes;     /* proposals above this are refused (REP_ETOOBIG) */
+    uint64_t fragment_bytes;      /* proposals above this are split into several Raft
+                                     entries, reassembled before ops->apply (0: 1 MiB) */
 };
 
 struct rep_info {
@@ -83,6 +90,8 @@ struct rep_info {
     uint64_t last_snapshot_index;
     uint64_t leader_id;
     char leader_address[128];
+    uint64_t elections_started; /* times this node became candidate (pre-vote included) */
+    uint64_t loop_stalls;       /* Raft ticks that came late (blocked event loop) */
 };
 
 struct rep;
@@ -111,6 +120,21 @@ typedef void (*rep_propose_cb)(void *arg, int status);
  * flight (cb will fire exactly once), or a negative rep_status_code
  * synchronously (cb will not fire). len > max_entry_bytes: REP_ETOOBIG. */
 int rep_propose(struct rep *r, void *buf, size_t len, rep_propose_cb cb, void *arg);
+
+/* Large proposals with the copying off the loop thread. rep_prepare does
+ * what rep_propose does before it hands the entry to libraft (framing, and
+ * splitting into fragments above fragment_bytes: a copy of the payload)
+ * and may run on any thread: it touches only memory and r's settings,
+ * which do not change after rep_create. rep_propose_prepared (loop thread)
+ * then proposes it exactly like rep_propose (same checks, statuses and
+ * callback). Ownership passes in both, even on failure (rep_prepare takes
+ * buf, rep_propose_prepared takes p); rep_prepared_free drops one that is
+ * never proposed. rep_prepare returns NULL when out of memory or when buf
+ * is not a rep_buf_alloc buffer of at least len bytes. */
+struct rep_prepared;
+struct rep_prepared *rep_prepare(const struct rep *r, void *buf, size_t len);
+int rep_propose_prepared(struct rep *r, struct rep_prepared *p, rep_propose_cb cb, void *arg);
+void rep_prepared_free(struct rep_prepared *p);
 
 /* Fires cb(arg, REP_OK) once every entry before it is applied (leader only). */
 int rep_barrier(struct rep *r, rep_propose_cb cb, void *arg);
@@ -198,5 +222,11 @@ void rep_adapter_destroy(struct rep_fsm_adapter **a);
 /* Finish the frame of a rep_buf_alloc buffer holding `len` payload bytes:
  * the raft_buffer to hand to raft_apply (base/len; raft owns it then). */
 void rep_frame_finish(void *buf, size_t len, void **base_r, size_t *len_r);
+/* A fragment entry as rep_propose makes them for proposals above
+ * fragment_bytes: `len` bytes at `data`, fragment `seq` (from 0) of `count`
+ * of a `total`-byte payload named (term, counter). raft_malloc()ed (raft
+ * owns it once raft_apply accepts it); NULL when out of memory. */
+void *rep_frame_fragment(const void *data, size_t len, uint64_t term, uint32_t counter,
+                         uint32_t seq, uint32_t count, uint64_t total, size_t *len_r);
 
 #endif

@@ -21,9 +21,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
@@ -36,9 +40,11 @@
 #include "cf_tls.h"
 #include "coffer_admin.pb-c.h"
 
-#define CKPT_DEFAULT_BATCH (32ull * 1024 * 1024)
+#define CKPT_DEFAULT_BATCH (8ull * 1024 * 1024)
 #define CKPT_FETCH_RETRY_MS 1000
 #define CKPT_LOG_EVERY_MS 5000
+#define CKPT_SPACE_LOG_MS 60000
+#define CKPT_SPACE_MARGIN (64ull * 1024 * 1024)
 
 static uint64_t now_ms(void)
 {
@@ -82,6 +88,69 @@ static void fsync_dir(const char *dir)
     }
 }
 
+/* ---------------------------------------------------- a gentle writer
+ *
+ * A checkpoint copies the whole store. Left alone that is an I/O storm:
+ * LMDB (MDB_NOSYNC) leaves every copied page dirty in the page cache, the
+ * final sync then writes the whole file at once (or the kernel's flusher
+ * does, at normal priority), and the Raft log's synchronous writes, every
+ * node's on a shared disk, wait behind it; a leader lost its leadership
+ * that way under load. So the worker thread
+ *  - runs at the idle I/O priority class (honoured by bfq and, since Linux
+ *    5.14, mq-deadline; best-effort 7 where idle is refused) and nice 19,
+ *  - writes the copy back itself, from that thread and so at that
+ *    priority, after every batch (sync_file_range: no journal commit, so
+ *    no Raft fsync is tied to it), so at most one batch is ever dirty,
+ *  - optionally keeps to a rate (rate_bytes per second),
+ *  - and drops the finished file from the page cache after hashing it, so
+ *    a cold copy does not push the live store out of memory. */
+static void worker_be_gentle(void)
+{
+    long tid = syscall(SYS_gettid);
+    const int who_process = 1, class_shift = 13, class_be = 2, class_idle = 3;
+
+    if (syscall(SYS_ioprio_set, who_process, (int)tid, class_idle << class_shift) != 0 &&
+        syscall(SYS_ioprio_set, who_process, (int)tid, class_be << class_shift | 7) != 0)
+        cf_debug("checkpoint: cannot lower the worker's I/O priority: %s", strerror(errno));
+    if (setpriority(PRIO_PROCESS, (id_t)tid, 19) != 0)
+        cf_debug("checkpoint: cannot lower the worker's CPU priority: %s", strerror(errno));
+}
+
+struct pace {
+    int fd;
+    uint64_t rate;    /* bytes per second, 0: unlimited */
+    uint64_t start;   /* uv_hrtime() of the first byte */
+    uint64_t written; /* bytes handed to the file so far */
+};
+
+static void sleep_ms(uint64_t ms)
+{
+    struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+/* After `n` more bytes went to p->fd: write them back now and wait, then
+ * keep to the rate. Returns -1 when *cancel was set while waiting. */
+static int pace_step(struct pace *p, uint64_t n, volatile int *cancel)
+{
+    p->written += n;
+    if (p->fd >= 0 && sync_file_range(p->fd, 0, 0,
+                                      SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                                          SYNC_FILE_RANGE_WAIT_AFTER) != 0)
+        cf_debug("checkpoint: sync_file_range: %s", strerror(errno));
+    if (p->rate > 0) {
+        uint64_t due_ms = p->written * 1000 / p->rate;
+        for (;;) {
+            uint64_t el = (uv_hrtime() - p->start) / 1000000u;
+            if (el >= due_ms) break;
+            if (cancel != NULL && *cancel) return -1;
+            sleep_ms(due_ms - el > 100 ? 100 : due_ms - el);
+        }
+    }
+    return cancel != NULL && *cancel ? -1 : 0;
+}
+
 void ckpt_name(uint64_t applied, char out[64])
 {
     snprintf(out, 64, "ckpt-%020" PRIu64 ".mdb", applied);
@@ -91,6 +160,12 @@ void ckpt_name(uint64_t applied, char out[64])
 
 int ckpt_copy(struct store *st, MDB_txn *rtxn, const char *path, uint64_t batch_bytes,
               volatile int *cancel, char *err, size_t errlen)
+{
+    return ckpt_copy_paced(st, rtxn, path, batch_bytes, 0, cancel, err, errlen);
+}
+
+int ckpt_copy_paced(struct store *st, MDB_txn *rtxn, const char *path, uint64_t batch_bytes,
+                    uint64_t rate_bytes, volatile int *cancel, char *err, size_t errlen)
 {
     struct {
         const char *name;
@@ -108,6 +183,7 @@ int ckpt_copy(struct store *st, MDB_txn *rtxn, const char *path, uint64_t batch_
     MDB_val k, v;
     uint64_t pending = 0;
     const char *what = "mdb_env_create";
+    struct pace pace = {-1, rate_bytes, uv_hrtime(), 0};
     int rc;
 
     if (batch_bytes == 0) batch_bytes = CKPT_DEFAULT_BATCH;
@@ -120,6 +196,7 @@ int ckpt_copy(struct store *st, MDB_txn *rtxn, const char *path, uint64_t batch_
     what = "mdb_env_open";
     if ((rc = mdb_env_open(env, path, MDB_NOSUBDIR | MDB_NOLOCK | MDB_NOSYNC | MDB_NOTLS, 0600)))
         goto fail;
+    if (mdb_env_get_fd(env, &pace.fd) != 0) pace.fd = -1;
     what = "mdb_txn_begin";
     if ((rc = mdb_txn_begin(env, NULL, 0, &w))) goto fail;
     for (size_t i = 0; i < sizeof dbs / sizeof dbs[0]; i++) {
@@ -142,11 +219,11 @@ int ckpt_copy(struct store *st, MDB_txn *rtxn, const char *path, uint64_t batch_
                 rc = mdb_txn_commit(w);
                 w = NULL;
                 if (rc) goto fail;
-                pending = 0;
-                if (cancel != NULL && *cancel) {
+                if (pace_step(&pace, pending, cancel) != 0) {
                     snprintf(err, errlen, "cancelled");
                     goto fail_noerr;
                 }
+                pending = 0;
                 what = "mdb_txn_begin";
                 if ((rc = mdb_txn_begin(env, NULL, 0, &w))) goto fail;
             }
@@ -159,6 +236,7 @@ int ckpt_copy(struct store *st, MDB_txn *rtxn, const char *path, uint64_t batch_
     rc = mdb_txn_commit(w);
     w = NULL;
     if (rc) goto fail;
+    pace_step(&pace, pending, NULL);
     what = "mdb_env_sync";
     if ((rc = mdb_env_sync(env, 1))) goto fail;
     mdb_env_close(env);
@@ -194,6 +272,7 @@ int ckpt_hash_file(const char *path, uint64_t *size_r, char hex[65], char *err, 
         snprintf(err, errlen, "open %s: %s", path, strerror(errno));
         goto out;
     }
+    posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
     for (;;) {
         ssize_t n = read(fd, buf, CKPT_CHUNK);
         if (n < 0) {
@@ -213,7 +292,11 @@ int ckpt_hash_file(const char *path, uint64_t *size_r, char hex[65], char *err, 
     *size_r = size;
     ret = 0;
 out:
-    if (fd >= 0) close(fd);
+    if (fd >= 0) {
+        /* a checkpoint is cold: leave the page cache to the live store */
+        posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+        close(fd);
+    }
     free(buf);
     EVP_MD_CTX_free(md);
     return ret;
@@ -459,7 +542,8 @@ int ckpt_fetch(const char *dir, const char *server, const struct ckpt_fetch_opts
     char gidhex[33], part[4200], final[4200], terr[256], hex[65];
     uint8_t *rq = NULL, *frame = NULL;
     size_t rqlen, flen;
-    uint64_t written = 0;
+    uint64_t written = 0, synced = 0;
+    struct pace pace = {-1, 0, uv_hrtime(), 0};
     unsigned timeout = o->io_timeout_ms ? o->io_timeout_ms : 10000;
     unsigned char h[32];
     unsigned hl = 0;
@@ -542,6 +626,7 @@ int ckpt_fetch(const char *dir, const char *server, const struct ckpt_fetch_opts
         snprintf(err, errlen, "open %s: %s", part, strerror(errno));
         goto out;
     }
+    pace.fd = fd;
     for (;;) {
         const Coffer__CheckpointChunk *ck;
         if (o->cancel != NULL && *o->cancel) {
@@ -585,6 +670,11 @@ int ckpt_fetch(const char *dir, const char *server, const struct ckpt_fetch_opts
         }
         EVP_DigestUpdate(md, ck->data.data, ck->data.len);
         written += ck->data.len;
+        if (written - synced >= CKPT_DEFAULT_BATCH) {
+            /* write back as it arrives (see "a gentle writer") */
+            pace_step(&pace, written - synced, NULL);
+            synced = written;
+        }
         coffer__admin_response__free_unpacked(resp, NULL);
         resp = NULL;
     }
@@ -651,6 +741,9 @@ struct ckpt_mgr {
     unsigned keep;
     char *ca_file, *cert_file, *key_file, *secret;
     uint64_t batch_bytes;
+    uint64_t rate_bytes;     /* copy rate limit, bytes/s (0: none) */
+    uint64_t min_free_bytes; /* left free after a copy */
+    uint64_t space_log_ms;   /* last "not enough space" log */
 
     /* worker */
     uv_thread_t thread;
@@ -727,6 +820,8 @@ struct ckpt_mgr *ckpt_mgr_create(struct store *st, const struct ckpt_mgr_config 
     m->key_file = dup_or_null(c->key_file);
     m->secret = dup_or_null(c->secret);
     m->batch_bytes = c->batch_bytes;
+    m->rate_bytes = c->rate_bytes;
+    m->min_free_bytes = c->min_free_bytes;
     atomic_init(&m->done, 0);
     if (m->dir == NULL) {
         snprintf(err, errlen, "out of memory");
@@ -781,12 +876,14 @@ static void worker(void *arg)
     m->rc = -1;
     m->err[0] = '\0';
     m->bad_checksum = 0;
+    worker_be_gentle();
     switch (m->job) {
     case J_WRITE: {
         struct ckpt_info ci = m->in;
         snprintf(tmp, sizeof tmp, "%s/%s.tmp", m->dir, ci.name);
         snprintf(final, sizeof final, "%s/%s", m->dir, ci.name);
-        m->rc = ckpt_copy(m->st, m->rtxn, tmp, m->batch_bytes, &m->cancel, m->err, sizeof m->err);
+        m->rc = ckpt_copy_paced(m->st, m->rtxn, tmp, m->batch_bytes, m->rate_bytes, &m->cancel,
+                                m->err, sizeof m->err);
         store_rtxn_end(m->rtxn);
         m->rtxn = NULL;
         if (m->rc != 0) break;
@@ -966,12 +1063,33 @@ void ckpt_mgr_poll(struct ckpt_mgr *m)
     m->job = J_NONE;
 }
 
+/* Room for a full copy of the store in the checkpoint directory: the
+ * store's used pages (an upper bound of the compacted copy) plus
+ * min_free_bytes (default 64 MiB) must fit in the space available. 1 when
+ * there is, 0 (with the figures) when not. */
+static int space_ok(struct ckpt_mgr *m, uint64_t *need_r, uint64_t *avail_r)
+{
+    MDB_envinfo ei;
+    MDB_stat ms;
+    struct statvfs vfs;
+    uint64_t used;
+
+    *need_r = *avail_r = 0;
+    if (mdb_env_info(m->st->env, &ei) != 0 || mdb_env_stat(m->st->env, &ms) != 0) return 1;
+    if (statvfs(m->dir, &vfs) != 0) return 1;
+    used = ((uint64_t)ei.me_last_pgno + 1) * ms.ms_psize;
+    *need_r = used + (m->min_free_bytes ? m->min_free_bytes : CKPT_SPACE_MARGIN);
+    *avail_r = (uint64_t)vfs.f_bavail * vfs.f_frsize;
+    return *avail_r >= *need_r;
+}
+
 int ckpt_mgr_take(struct ckpt_mgr *m)
 {
     struct ckpt_info *l = NULL;
     size_t n = 0;
     char path[4200];
     struct stat sb;
+    uint64_t need, avail;
 
     ckpt_mgr_poll(m);
     if (m->running) {
@@ -994,6 +1112,17 @@ int ckpt_mgr_take(struct ckpt_mgr *m)
     free(l);
     snprintf(path, sizeof path, "%s/%s", m->dir, m->in.name);
     if (stat(path, &sb) == 0) unlink(path); /* no manifest: unfinished */
+    if (!space_ok(m, &need, &avail)) {
+        uint64_t t = now_ms();
+        m->stats.skipped_space++;
+        if (m->space_log_ms == 0 || t - m->space_log_ms >= CKPT_SPACE_LOG_MS) {
+            m->space_log_ms = t;
+            cf_warn("checkpoint: not writing %s: %" PRIu64 " MiB free in %s, a full copy needs "
+                    "%" PRIu64 " MiB (store + reserve); postponed to the next snapshot",
+                    m->in.name, avail >> 20, m->dir, need >> 20);
+        }
+        return 1;
+    }
     m->rtxn = store_rtxn_begin(m->st);
     if (m->rtxn == NULL) return -1;
     if (start_job(m, J_WRITE) != 0) {

@@ -16,7 +16,7 @@
  *    write transactions of bounded size (a compacting copy by construction:
  *    LMDB 0.9.24's mdb_env_copy cannot take an existing transaction), syncs
  *    it, hashes the file (SHA-256, streaming), renames it and writes the
- *    manifest. Nothing is held in memory beyond one batch (32 MiB, or one
+ *    manifest. Nothing is held in memory beyond one batch (8 MiB, or one
  *    value when a value is larger).
  *  - Installing: a store behind a snapshot descriptor needs any checkpoint of
  *    the group with applied >= the descriptor's index. A local one is first
@@ -54,10 +54,16 @@ struct ckpt_info {
 void ckpt_name(uint64_t applied, char out[64]);
 /* Copy every database of `st` as seen by the read transaction `rtxn` into a
  * new LMDB file at `path` (created; MDB_NOSUBDIR), committing every
- * `batch_bytes` (0: 32 MiB). Stops with -1 when *cancel becomes non-zero.
+ * `batch_bytes` (0: 8 MiB). Stops with -1 when *cancel becomes non-zero.
  * Synced to disk on success. 0 or -1 with err. */
 int ckpt_copy(struct store *st, MDB_txn *rtxn, const char *path, uint64_t batch_bytes,
               volatile int *cancel, char *err, size_t errlen);
+/* The same, written back to disk after every batch (sync_file_range, so
+ * at most one batch is dirty at a time) and, when rate_bytes > 0, at no
+ * more than rate_bytes per second. The manager's worker uses this, at the
+ * idle I/O priority and nice 19. */
+int ckpt_copy_paced(struct store *st, MDB_txn *rtxn, const char *path, uint64_t batch_bytes,
+                    uint64_t rate_bytes, volatile int *cancel, char *err, size_t errlen);
 /* SHA-256 (hex) and size of a file, read in CKPT_CHUNK pieces. 0 or -1. */
 int ckpt_hash_file(const char *path, uint64_t *size_r, char hex[65], char *err, size_t errlen);
 /* Write dir/<ci->name>.manifest atomically (tmp, fsync, rename). 0 or -1. */
@@ -99,10 +105,13 @@ struct ckpt_mgr_config {
     const char *dir;                                     /* data_dir/checkpoints (created 0700) */
     unsigned keep;                                       /* complete checkpoints kept (>= 1) */
     const char *ca_file, *cert_file, *key_file, *secret; /* for fetching */
-    uint64_t batch_bytes;                                /* copy batch, 0 = default */
+    uint64_t batch_bytes;    /* copy batch (and write-back step), 0 = default 8 MiB */
+    uint64_t rate_bytes;     /* copy rate limit in bytes/s, 0 = none */
+    uint64_t min_free_bytes; /* space that must stay free after a full copy, 0 = 64 MiB */
 };
 struct ckpt_stats {
     uint64_t taken, installed, served, fetched, refused;
+    uint64_t skipped_space;  /* snapshots without a checkpoint: not enough disk space */
     uint64_t newest_applied; /* newest complete local checkpoint, 0 = none */
 };
 struct ckpt_mgr;
@@ -114,8 +123,9 @@ void ckpt_mgr_destroy(struct ckpt_mgr **m);
 /* Collect a finished job (logs, counters, pruning). Cheap; call often. */
 void ckpt_mgr_poll(struct ckpt_mgr *m);
 /* Start writing a checkpoint of the store as of now (a read transaction is
- * opened here, on the caller's thread). 0 started, 1 skipped (worker busy
- * or a checkpoint at this applied index exists), -1 error (logged). */
+ * opened here, on the caller's thread). 0 started, 1 skipped (worker busy,
+ * a checkpoint at this applied index exists, or the directory lacks space
+ * for a full copy: logged, at most once a minute), -1 error (logged). */
 int ckpt_mgr_take(struct ckpt_mgr *m);
 /* Bring the store to applied >= min_applied from a checkpoint of group
  * `group_id`: 0 done (already there, or swapped in now), 1 in progress

@@ -943,6 +943,8 @@ int main(int argc, char **argv)
         cc.keep = (unsigned)d->cfg.checkpoints_kept;
         cc.ca_file = d->cfg.tls_ca;
         cc.secret = d->cfg.admin_secret;
+        cc.rate_bytes = d->cfg.checkpoint_rate;
+        cc.min_free_bytes = d->cfg.min_free_disk;
         d->n.ckpt = ckpt_mgr_create(d->n.store, &cc, err, sizeof err);
         if (d->n.ckpt == NULL) goto fail_msg_store;
     }

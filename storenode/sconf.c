@@ -33,6 +33,7 @@ static const char *const known_keys[][2] = {
     {"raft", "snapshot_threshold"},
     {"raft", "snapshot_trailing"},
     {"raft", "snapshot_bytes"},
+    {"raft", "checkpoint_rate"},
     {"raft", "checkpoints_kept"},
     {"lmdb", "map_size"},
     {"tls", "cert"},
@@ -460,6 +461,7 @@ int sconf_load(const char *path, struct sconf *c, char *err, size_t errlen)
     TYPED(cf_config_u64, "raft", "snapshot_trailing", snapshot_trailing);
     TYPED(cf_config_size, "raft", "snapshot_bytes", snapshot_bytes);
     TYPED(cf_config_u64, "raft", "checkpoints_kept", checkpoints_kept);
+    TYPED(cf_config_size, "raft", "checkpoint_rate", checkpoint_rate);
     TYPED(cf_config_size, "lmdb", "map_size", map_size);
     STR("tls", "cert", tls_cert, 1);
     STR("tls", "key", tls_key, 1);

@@ -23,6 +23,7 @@ struct sconf {
     uint64_t snapshot_bytes;      /* raft.snapshot_bytes: also snapshot after this many entry
                                      bytes (0 = entries only), default 1G */
     uint64_t checkpoints_kept;    /* raft.checkpoints_kept: complete checkpoints kept, default 2 */
+    uint64_t checkpoint_rate;     /* raft.checkpoint_rate: checkpoint copy bytes/s, 0 = unlimited */
     /* [lmdb] */
     uint64_t map_size; /* lmdb.map_size, default 64G (sparse) */
     /* [tls] */

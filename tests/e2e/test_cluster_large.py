@@ -1,7 +1,9 @@
-"""A 50 MiB APPEND (limits.max_message, the default) on a three-node group:
-it is committed, applied on every node (same content digest everywhere),
-fetched back byte-exact from the leader, and costs no election: the term
-and the leader are the same before and after."""
+"""A 50 MiB APPEND (limits.max_message, the default) on a three-node group
+with the default Raft timeouts (election 1000 ms, heartbeat 100 ms): it is
+committed, applied on every node (same content digest everywhere), fetched
+back byte-exact from the leader, and costs no election: the term and the
+leader are the same before and after, and no node became a candidate
+while the entry was replicated and applied."""
 
 import hashlib
 import os
@@ -14,11 +16,13 @@ import cluster_harness as h  # noqa: E402
 import coffer_harness as ch  # noqa: E402
 
 SIZE = 50 * 1024 * 1024
-# Generous timeouts: the 2-core test machines are shared and slow; a 50 MiB
-# entry is parsed (MIME), framed, written and applied by every node.
+# The product defaults, not the harness's more generous ones: the point is
+# that a maximum-size message replicates without starving heartbeats (rep
+# splits it into 1 MiB Raft entries; see ARCHITECTURE.md, "Large entries").
+# Start-up and the other waits keep the harness's generous timeouts.
 CONFIG = {
-    "raft.election_timeout": "5s",
-    "raft.heartbeat": "250ms",
+    "raft.election_timeout": "1000ms",
+    "raft.heartbeat": "100ms",
 }
 
 
