@@ -122,3 +122,63 @@ int propose_entry(struct node *n, Coffer__Entry *e, struct store_outcome *out, p
     }
     return 0;
 }
+
+int propose_pack_prepared(struct node *n, Coffer__Entry *e, uint8_t id_r[16],
+                          struct rep_prepared **p_r)
+{
+    struct timespec ts;
+    size_t len;
+    uint8_t *buf;
+
+    *p_r = NULL;
+    if (e->leader_time_ms == 0) {
+        clock_gettime(CLOCK_REALTIME, &ts);
+        e->leader_time_ms = (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+    }
+    if (e->has_request_id && e->request_id.len == 16) {
+        memcpy(id_r, e->request_id.data, 16);
+    } else if (RAND_bytes(id_r, 16) != 1) {
+        return REP_EIO;
+    }
+    e->has_request_id = 1;
+    e->request_id.len = 16;
+    e->request_id.data = id_r;
+    len = 8 + coffer__entry__get_packed_size(e);
+    buf = rep_buf_alloc(len);
+    if (!buf) return REP_ENOMEM;
+    frame_header(buf);
+    coffer__entry__pack(e, buf + 8);
+    *p_r = rep_prepare(n->rep, buf, len);
+    return *p_r ? 0 : REP_ENOMEM;
+}
+
+int propose_prepared(struct node *n, const uint8_t id[16], struct rep_prepared *p,
+                     struct store_outcome *out, propose_cb cb, void *arg)
+{
+    struct propose_req *req;
+    int rc;
+
+    if (!n->rep || n->stopping) {
+        rep_prepared_free(p);
+        return REP_ESHUTDOWN;
+    }
+    req = calloc(1, sizeof(*req));
+    if (!req) {
+        rep_prepared_free(p);
+        return REP_ENOMEM;
+    }
+    req->st = n->store;
+    req->out = out ? out : &req->own;
+    req->cb = cb;
+    req->arg = arg;
+    memset(req->out, 0, sizeof(*req->out));
+    memcpy(req->id, id, 16);
+    memcpy(req->out->request_id, id, 16);
+    store_register_waiter(n->store, req->id, req->out);
+    rc = rep_propose_prepared(n->rep, p, propose_done, req);
+    if (rc != 0) {
+        store_unregister_waiter(n->store, req->id, req->out);
+        free(req);
+    }
+    return rc;
+}

@@ -27,6 +27,19 @@ typedef void (*propose_cb)(void *arg, int status, struct store_outcome *out);
 int propose_entry(struct node *n, Coffer__Entry *e, struct store_outcome *out, propose_cb cb,
                   void *arg);
 
+/* propose_entry in two steps, so the copying can happen off the loop.
+ * propose_pack_prepared (any thread: touches only e, memory and n->rep's
+ * fixed settings) sets leader_time_ms and the request id (e's own, else
+ * random) into id_r (e->request_id then points there), packs and frames e
+ * and prepares it (rep_prepare: fragments above 1 MiB); 0 or a negative
+ * rep_status_code. propose_prepared (loop thread) registers `out` as waiter
+ * for id and proposes p like propose_entry; it takes p even on failure. */
+struct rep_prepared;
+int propose_pack_prepared(struct node *n, Coffer__Entry *e, uint8_t id_r[16],
+                          struct rep_prepared **p_r);
+int propose_prepared(struct node *n, const uint8_t id[16], struct rep_prepared *p,
+                     struct store_outcome *out, propose_cb cb, void *arg);
+
 /* Frame an entry into a malloc()ed buffer (tests and tools). */
 int propose_frame(const Coffer__Entry *e, void **buf_r, size_t *len_r);
 
