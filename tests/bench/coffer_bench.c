@@ -35,6 +35,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -82,6 +83,7 @@ struct op_stats {
     uint64_t errors;
     uint64_t bytes;
     uint64_t max_us;
+    uint64_t sum_us;
     uint64_t hist[HIST_BUCKETS];
 };
 
@@ -159,6 +161,7 @@ struct bench {
     unsigned clients;
     double duration;
     uint64_t ops_target;
+    uint64_t max_ops; /* --max-ops: at most this many within --duration (0: no cap) */
     size_t size, size_max;
     const char *mailbox;
     int fetch_body;
@@ -196,6 +199,7 @@ struct bench {
     char *body; /* shared message body lines */
     size_t body_cap;
     uint64_t msg_seq;
+    char nonce[24]; /* per process: pid + start time, hex (Message-ID) */
     uint64_t conn_failures;
     char fatal[256];
 };
@@ -220,6 +224,7 @@ static void record(enum op op, uint64_t start_ns, int ok, uint64_t bytes)
     us = (now_ns() - start_ns) / 1000;
     s->count++;
     s->bytes += bytes;
+    s->sum_us += us;
     if (us > s->max_us) s->max_us = us;
     s->hist[hist_index(us)]++;
 }
@@ -279,6 +284,7 @@ struct client {
     int failed; /* current connection had an error (already counted) */
     int was_ready;
     int est; /* idle: counted in B.established */
+    int no_more; /* the --ops / --max-ops budget ran out: do not reconnect */
 };
 
 static uint64_t rnd(struct client *c)
@@ -297,12 +303,14 @@ static void client_next(struct client *c);
 static void client_fail(struct client *c, const char *why);
 static void start_logout(struct client *c);
 
-/* Take one op from the --ops budget. 0 when exhausted. */
+/* Take one op from the --ops (or --max-ops) budget. 0 when exhausted. */
 static int take_op(void)
 {
+    uint64_t limit = B.ops_target ? B.ops_target : B.max_ops;
+
     if (B.stopping) return 0;
-    if (B.ops_target == 0) return 1;
-    if (B.issued >= B.ops_target) return 0;
+    if (limit == 0) return 1;
+    if (B.issued >= limit) return 0;
     B.issued++;
     return 1;
 }
@@ -348,7 +356,10 @@ static void quote(char *out, size_t outlen, const char *s)
     out[o] = '\0';
 }
 
-/* Message for the next APPEND: unique header, shared body lines. */
+/* Message for the next APPEND: unique header, shared body lines. The
+ * Message-ID carries the per-process nonce (fixed width, so sizes stay the
+ * same on every server): without it two runs would append byte-identical
+ * messages, which Coffer may take for a client's retry of the same APPEND. */
 static void prepare_message(struct client *c, size_t size)
 {
     uint64_t seq = ++B.msg_seq;
@@ -358,10 +369,10 @@ static void prepare_message(struct client *c, size_t size)
         (size_t)snprintf(c->append_hdr, sizeof(c->append_hdr),
                          "From: Bench <bench@coffer.test>\r\nTo: %s <%s@coffer.test>\r\n"
                          "Subject: bench message %010" PRIu64 "\r\nMessage-ID: <%" PRIu64
-                         ".%u@bench.coffer.test>\r\n"
+                         ".%u.%s@bench.coffer.test>\r\n"
                          "Date: Mon, 02 Feb 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
                          "Content-Type: text/plain; charset=us-ascii\r\n\r\n",
-                         B.user, B.user, seq, seq, c->idx);
+                         B.user, B.user, seq, seq, c->idx, B.nonce);
     lines = size > c->append_hdrlen ? (size - c->append_hdrlen) / 78 : 0;
     if (lines == 0) lines = 1;
     c->append_bodylen = lines * 78;
@@ -533,6 +544,7 @@ static void client_next(struct client *c)
         break;
     }
 out:
+    if (!B.stopping) c->no_more = 1;
     start_logout(c);
 }
 
@@ -1007,7 +1019,7 @@ static void on_close(struct cf_conn *conn, void *data, const char *reason)
     }
     c->failed = 0;
     c->op_counted = 0;
-    c->state = CS_IDLE_WAIT;
+    c->state = c->no_more ? CS_DONE : CS_IDLE_WAIT;
     /* login/handshake storms reconnect at once; failed sessions after a pause */
     c->reconnect_at = failed ? now_ns() + 100000000ull : 0;
     if (!failed && (B.sc == SC_LOGIN || B.sc == SC_HANDSHAKE) && B.running && !B.stopping)
@@ -1203,7 +1215,13 @@ static void tick_cb(uv_timer_t *t)
         }
     } else if (B.running) {
         if (B.ops_target == 0 && B.sc != SC_POPULATE) {
-            if (now >= B.t_start + (uint64_t)(B.duration * 1e9)) window_close();
+            int inflight = 0;
+            if (B.max_ops && B.issued >= B.max_ops)
+                for (i = 0; i < B.clients; i++)
+                    if (B.cl[i].op_counted) inflight = 1;
+            if (now >= B.t_start + (uint64_t)(B.duration * 1e9) ||
+                (B.max_ops && B.issued >= B.max_ops && !inflight))
+                window_close();
         } else {
             int inflight = 0;
             for (i = 0; i < B.clients; i++)
@@ -1489,10 +1507,11 @@ static int report(void)
             const struct op_stats *s = &B.st[k];
             if (s->count == 0 && s->errors == 0) continue;
             printf("%s\"%s\":{\"count\":%" PRIu64 ",\"errors\":%" PRIu64 ",\"rate\":%.2f,"
-                   "\"bytes\":%" PRIu64 ",\"p50_ms\":%.4f,\"p99_ms\":%.4f,\"p999_ms\":%.4f,"
-                   "\"max_ms\":%.4f}",
+                   "\"bytes\":%" PRIu64 ",\"mean_ms\":%.4f,\"p50_ms\":%.4f,\"p99_ms\":%.4f,"
+                   "\"p999_ms\":%.4f,\"max_ms\":%.4f}",
                    first ? "" : ",", op_names[k], s->count, s->errors, (double)s->count / secs,
-                   s->bytes, hist_quantile(s, 0.5) / 1000, hist_quantile(s, 0.99) / 1000,
+                   s->bytes, s->count ? (double)s->sum_us / (double)s->count / 1000 : 0.0,
+                   hist_quantile(s, 0.5) / 1000, hist_quantile(s, 0.99) / 1000,
                    hist_quantile(s, 0.999) / 1000, (double)s->max_us / 1000);
             first = 0;
         }
@@ -1542,6 +1561,7 @@ static void usage(FILE *f)
                "  --clients N                concurrent clients (default 1)\n"
                "  --duration S               measurement window (default 5)\n"
                "  --ops N                    exactly N operations instead of a duration\n"
+               "  --max-ops N                at most N operations within --duration\n"
                "  --size B [--size-max B]    APPEND size (random in [size,size-max])\n"
                "  --mailbox NAME             (default INBOX)\n"
                "  --fetch header|body --batch N   FETCH scenario\n"
@@ -1586,6 +1606,7 @@ int main(int argc, char **argv)
         {"user", 1, 0, 'u'},     {"pass", 1, 0, 'P'},
         {"auth", 1, 0, 'A'},     {"clients", 1, 0, 'c'},
         {"duration", 1, 0, 'd'}, {"ops", 1, 0, 'o'},
+        {"max-ops", 1, 0, 'M'},
         {"size", 1, 0, 'z'},     {"size-max", 1, 0, 'Z'},
         {"mailbox", 1, 0, 'm'},  {"fetch", 1, 0, 'f'},
         {"batch", 1, 0, 'b'},    {"target", 1, 0, 't'},
@@ -1667,6 +1688,9 @@ int main(int argc, char **argv)
         case 'o':
             B.ops_target = strtoull(optarg, NULL, 10);
             break;
+        case 'M':
+            B.max_ops = strtoull(optarg, NULL, 10);
+            break;
         case 'z':
             if (parse_size(optarg, &B.size) < 0) return 2;
             break;
@@ -1741,6 +1765,13 @@ int main(int argc, char **argv)
         return 2;
     }
     cf_log_init("coffer-bench", CF_LOG_ERR, 0);
+    {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        snprintf(B.nonce, sizeof(B.nonce), "%08x%013" PRIx64, (unsigned)getpid() & 0xffffffffu,
+                 ((uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u) &
+                     (uint64_t)0xfffffffffffffull);
+    }
     /* many sockets: raise the descriptor limit to the hard limit */
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
         rl.rlim_cur = rl.rlim_max;

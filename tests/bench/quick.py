@@ -37,9 +37,15 @@ def vmrss_kib(pid):
     raise RuntimeError("no VmRSS for pid %d" % pid)
 
 
+# per process (pid + start time): Message-IDs differ from run to run, so no
+# APPEND repeats a byte-identical earlier one (which Coffer may take for a retry)
+NONCE = "%08x%013x" % (os.getpid() & 0xffffffff, int(time.time() * 1e6) & 0xfffffffffffff)
+
+
 def make_msg(i, size):
     head = ("From: bench@coffer.test\r\nTo: bench@coffer.test\r\nSubject: bench %d\r\n"
-            "Message-ID: <bench-%d@coffer.test>\r\nDate: Mon, 02 Feb 2026 10:00:00 +0000\r\n\r\n" % (i, i)).encode()
+            "Message-ID: <bench-%d.%s@coffer.test>\r\nDate: Mon, 02 Feb 2026 10:00:00 +0000\r\n\r\n"
+            % (i, i, NONCE)).encode()
     line = b"x" * 62 + b"\r\n"
     body = line * ((size - len(head)) // len(line) + 1)
     return (head + body)[:size - 2] + b"\r\n"

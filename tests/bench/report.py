@@ -37,11 +37,32 @@ def mem_per_session(j, prefix, key):
     return tot / 1024 if found else None
 
 
+def ckpt_overlap(j):
+    """Did a store checkpoint run during this Coffer run? (from the node-1
+    status the runner read before and after it: checkpoints taken, worker
+    state). None when unknown."""
+    b, a = j.get("ckpt_before"), j.get("ckpt_after")
+    if not b or not a:
+        return None
+    b, a = b.split(), a.split()
+    if len(b) != 3 or len(a) != 3 or b[0] != a[0] or b[0] == "0":
+        return None
+    return b[1] != a[1] or b[2] != "idle" or a[2] != "idle"
+
+
+CKPT_MARK = " †"
+CKPT_NOTE = ("† a Raft snapshot's checkpoint (a compacting copy of the whole store, written by "
+             "every node) ran during at least one of the runs behind this figure: its CPU and "
+             "disk time are in the Coffer figures of that row.")
+
+
 def one(line):
     j = json.loads(line)
     if j.get("na"):
-        print("  %-16s %-10s n/a" % (j["label"], j["system"]))
+        print("  %-16s %-10s n/a%s" % (j["label"], j["system"],
+                                     (" (%s)" % j["reason"]) if j.get("reason") else ""))
         return
+    wall = (" [%ds]" % j["wall_s"]) if "wall_s" in j else ""
     sc = j.get("scenario", "?")
     if sc == "idle":
         sysname = j["system"]
@@ -51,17 +72,19 @@ def one(line):
             t = j["trees"][name]
             parts.append("%s %.1f/%.1f KiB" % (name, t.get("rss_per_session", 0) / 1024,
                                                 t.get("pss_per_session", 0) / 1024))
-        print("  %-16s %-10s %d sessions, RSS/PSS per session: %s errors %d%s" % (
+        print("  %-16s %-10s %d sessions, RSS/PSS per session: %s errors %d%s%s" % (
             j["label"], sysname, j.get("established", 0), "; ".join(parts), j.get("errors", 0),
-            (" FATAL " + j["fatal"]) if j.get("fatal") else ""))
+            (" FATAL " + j["fatal"]) if j.get("fatal") else "", wall))
         del pre
         return
     trees = ", ".join("%s %.3f ms/op" % (n, t.get("cpu_ms_per_op", 0))
                       for n, t in sorted((j.get("trees") or {}).items()))
-    print("  %-16s %-10s %9.1f %s p50 %.2f ms p99 %.2f ms errors %d client CPU %.1fs/%.1fs; %s%s" % (
+    if ckpt_overlap(j):
+        wall += " [checkpoint during the run]"
+    print("  %-16s %-10s %9.1f %s p50 %.2f ms p99 %.2f ms errors %d client CPU %.1fs/%.1fs; %s%s%s" % (
         j.get("label", ""), j.get("system", ""), j.get("rate", 0), UNITS.get(sc, "ops/s"),
         j.get("p50_ms", 0), j.get("p99_ms", 0), j.get("errors", 0), j.get("client_cpu_s", 0),
-        j.get("duration_s", 0), trees, (" FATAL " + j["fatal"]) if j.get("fatal") else ""))
+        j.get("duration_s", 0), trees, (" FATAL " + j["fatal"]) if j.get("fatal") else "", wall))
 
 
 def med(xs):
@@ -105,7 +128,18 @@ def report(out):
             labels.append(label)
 
     def runs(label, sysname):
-        return [j for j in res.get((label, sysname), []) if not j.get("na")]
+        """Measured runs: not n/a, and not a failure without a single operation."""
+        return [j for j in res.get((label, sysname), []) if not j.get("na") and
+                not (j.get("fatal") and not j.get("total_ops"))]
+
+    def na_text(label, sysname, default="n/a"):
+        """'n/a (why)' for a system with no measured run of label."""
+        why = []
+        for j in res.get((label, sysname), []):
+            w = j.get("reason") if j.get("na") else j.get("fatal")
+            if w and w not in why:
+                why.append(w)
+        return "n/a (%s)" % "; ".join(why) if why else default
 
     def stat(label, sysname, fn):
         return med([fn(j) for j in runs(label, sysname)])
@@ -116,10 +150,13 @@ def report(out):
     p = print
     p("## Results %s (%s)" % (meta["date"], "quick" if meta["quick"] else "full"))
     p("")
+    huge = any(l.startswith("append-10m") for l in labels)
     p("Machine: %d cores, %.1f GiB, kernel %s, data disk %s. Dovecot %s, nginx %s, "
-      "OpenSSL %s, Coffer %s. Rounds %d x %d s per scenario; medians over rounds." % (
+      "OpenSSL %s, Coffer %s. Rounds %d x %s s per scenario%s; medians over rounds." % (
           meta["nproc"], meta["mem_gib"], meta["kernel"], meta["disk"], meta["dovecot"],
-          meta["nginx"], meta["openssl"], meta["coffer_rev"], meta["rounds"], meta["duration"]))
+          meta["nginx"], meta["openssl"], meta["coffer_rev"], meta["rounds"], meta["duration"],
+          " (10 MiB APPENDs: a fixed number per run, timed until the last one completes)"
+          if huge else ""))
     p("")
     p("### Machine limits (same run)")
     p("")
@@ -144,6 +181,7 @@ def report(out):
       "default 2^14 (auth.scrypt_log2n = 10), to show the login cost without most of the "
       "password hashing." % nodes)
     p("")
+    marked = [False]
     p("| scenario | unit | Coffer | Dovecot | ratio | p99 ms C / D | CPU ms/op C / D | CPU ratio | errors C / D | Coffer vs limit |")
     p("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label in labels:
@@ -177,15 +215,25 @@ def report(out):
             why = "n/a (plaintext login refused)" if "plain" in label else "n/a"
             if label.endswith("-n10"):
                 why = "n/a (cluster was already running: no N = 2^10 user)"
-            ctext = why
+            ctext = na_text(label, "coffer", why)
         else:
             ctext = fmt(cr)
+            if any(ckpt_overlap(j) for j in c):
+                ctext += CKPT_MARK
+                marked[0] = True
+        dtext = fmt(dr)
+        if not d and res.get((label, "dovecot")):
+            dtext = na_text(label, "dovecot")
         p("| %s | %s | %s | %s | %s | %s / %s | %s / %s | %s | %d / %d | %s |" % (
-            label, unit, ctext, fmt(dr), ratio(cr, dr), fmt(cp, 2), fmt(dp, 2), fmt(cc, 3),
+            label, unit, ctext, dtext, ratio(cr, dr), fmt(cp, 2), fmt(dp, 2), fmt(cc, 3),
             fmt(dc, 3), ratio(cc, dc), errs(label, "coffer"), errs(label, "dovecot"), limit))
     p("")
+    if marked[0]:
+        p(CKPT_NOTE)
+        p("")
     p("### Memory per idle logged-in session")
     p("")
+    fewer = []
     p("| scenario | system | sessions | RSS KiB/session | PSS KiB/session | processes after | errors |")
     p("| --- | --- | --- | --- | --- | --- | --- |")
     for label in labels:
@@ -199,7 +247,7 @@ def report(out):
                 why = "n/a (plaintext login refused)"
                 if sysname == "coffer-mmp" and not meta.get("coffer_mmp"):
                     why = "n/a (no coffer-mmp in the deployment)"
-                p("| %s | %s | %s | | | | |" % (label, sysname, why))
+                p("| %s | %s | %s | | | | |" % (label, sysname, na_text(label, sysname, why)))
                 continue
             pre = sysname
             if sysname == "coffer-mmp":
@@ -223,7 +271,14 @@ def report(out):
             p("| %s | %s | %d | %s | %s | %s | %d |" % (
                 label, name, r[0].get("established", 0), fmt(rss), fmt(pss), fmt(procs, 0),
                 errs(label, sysname)))
+            if sysname == "coffer-mmp" and 0 < r[0].get("sessions", 0) < meta.get("idle_sessions", 0):
+                fewer.append(r[0]["sessions"])
     p("")
+    if fewer:
+        p("coffer-mmp held %d sessions, not %d: it is one process with two descriptors per "
+          "proxied session, and the hard RLIMIT_NOFILE here (which even root could not raise) "
+          "allows no more. The figures are per session." % (min(fewer), meta["idle_sessions"]))
+        p("")
     p("### Proxy: nginx mail proxy (in front of the Dovecot above) vs coffer-mmp (in front of the Coffer group above)")
     p("")
     p("CPU ms/op per process tree. nginx passes the password to Dovecot over plain TCP; "
@@ -233,6 +288,7 @@ def report(out):
     p("| scenario | nginx rate | p99 ms | nginx CPU | auth_http CPU | Dovecot CPU "
       "| coffer-mmp rate | p99 ms | coffer-mmp CPU | store nodes CPU | rate ratio mmp / nginx |")
     p("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    marked[0] = False
     for label in labels:
         if label.startswith("idle") or label == "populate":
             continue
@@ -247,14 +303,16 @@ def report(out):
         nr = med([j.get("rate") for j in r])
         mr = med([j.get("rate") for j in m])
         if (label, "nginx") in res:
-            ntext = [fmt(nr) + " " + unit if r else "n/a", fmt(med([j.get("p99_ms") for j in r]), 2),
+            ntext = [fmt(nr) + " " + unit if r else na_text(label, "nginx"), fmt(med([j.get("p99_ms") for j in r]), 2),
                      fmt(med([cpu_ms(j, "nginx") for j in r]), 3),
                      fmt(med([cpu_ms(j, "auth_http") for j in r]), 3),
                      fmt(med([cpu_ms(j, "dovecot") for j in r]), 3)]
         else:
             ntext = ["(not run: no password hash in this Dovecot)", "", "", "", ""]
         if m:
-            mtext = [fmt(mr) + " " + unit, fmt(med([j.get("p99_ms") for j in m]), 2),
+            mark = CKPT_MARK if any(ckpt_overlap(j) for j in m) else ""
+            marked[0] = marked[0] or bool(mark)
+            mtext = [fmt(mr) + " " + unit + mark, fmt(med([j.get("p99_ms") for j in m]), 2),
                      fmt(med([cpu_ms(j, "coffer-mmp") for j in m]), 3),
                      fmt(med([cpu_ms(j, "coffer") for j in m]), 3)]
         else:
@@ -263,10 +321,59 @@ def report(out):
                 why = "n/a (no coffer-mmp in the deployment)"
             elif "plain" in label:
                 why = "n/a (plaintext login refused)"
-            mtext = [why, "", "", ""]
+            mtext = [na_text(label, "coffer-mmp", why), "", "", ""]
         p("| %s | %s | %s | %s |" % (label, " | ".join(ntext), " | ".join(mtext), ratio(mr, nr)))
     p("")
+    if marked[0]:
+        p(CKPT_NOTE)
+        p("")
+    mixed_breakdown(p, labels, runs)
     plot(out, res, runs, nodes)
+
+
+def mixed_breakdown(p, labels, runs):
+    """Per command of the mixed scenario: rate and latency, Coffer vs Dovecot
+    (which command dominates the time)."""
+    for label in labels:
+        if not label.startswith("mixed"):
+            continue
+        c, d = runs(label, "coffer"), runs(label, "dovecot")
+        if not c and not d:
+            continue
+        p("### `%s` per command" % label)
+        p("")
+        p("Each client runs APPEND, FETCH, STORE +FLAGS, SEARCH, STORE \\\\Deleted, EXPUNGE in "
+          "turn (one command in flight per client), so a slow command holds back all the "
+          "others; time share = that command's count x mean latency over the same sum for all "
+          "commands (medians over rounds).")
+        p("")
+        p("| command | Coffer rate/s | mean ms | p99 ms | time share | Dovecot rate/s | mean ms | p99 ms | time share |")
+        p("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        names = []
+        for j in c + d:
+            for k in j.get("ops", {}):
+                if k in ("LOGIN", "LOGOUT", "SELECT", "CONNECT", "HANDSHAKE") or k in names:
+                    continue
+                names.append(k)
+
+        def cols(rs, k):
+            if not rs:
+                return ["n/a", "", "", ""]
+            rate = med([j["ops"].get(k, {}).get("rate") for j in rs])
+            p50 = med([j["ops"].get(k, {}).get("mean_ms", j["ops"].get(k, {}).get("p50_ms"))
+                       for j in rs])
+            p99 = med([j["ops"].get(k, {}).get("p99_ms") for j in rs])
+            shares = []
+            for j in rs:
+                def busy(o):
+                    return o.get("count", 0) * o.get("mean_ms", o.get("p50_ms", 0))
+                tot = sum(busy(o) for n, o in j["ops"].items() if n in names)
+                shares.append(busy(j["ops"].get(k, {})) / tot if tot else None)
+            sh = med(shares)
+            return [fmt(rate), fmt(p50, 2), fmt(p99, 2), "%.0f%%" % (100 * sh) if sh is not None else "n/a"]
+        for k in names:
+            p("| %s | %s | %s |" % (k, " | ".join(cols(c, k)), " | ".join(cols(d, k))))
+        p("")
 
 
 def plot(out, res, runs, nodes=1):
