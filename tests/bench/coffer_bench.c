@@ -283,7 +283,7 @@ struct client {
     uint64_t reconnect_at;
     int failed; /* current connection had an error (already counted) */
     int was_ready;
-    int est; /* idle: counted in B.established */
+    int est;     /* idle: counted in B.established */
     int no_more; /* the --ops / --max-ops budget ran out: do not reconnect */
 };
 
@@ -1600,21 +1600,35 @@ static const struct {
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"scenario", 1, 0, 's'}, {"host", 1, 0, 'H'},
-        {"port", 1, 0, 'p'},     {"tls", 1, 0, 'T'},
-        {"ca", 1, 0, 'C'},       {"sni", 1, 0, 'N'},
-        {"user", 1, 0, 'u'},     {"pass", 1, 0, 'P'},
-        {"auth", 1, 0, 'A'},     {"clients", 1, 0, 'c'},
-        {"duration", 1, 0, 'd'}, {"ops", 1, 0, 'o'},
+        {"scenario", 1, 0, 's'},
+        {"host", 1, 0, 'H'},
+        {"port", 1, 0, 'p'},
+        {"tls", 1, 0, 'T'},
+        {"ca", 1, 0, 'C'},
+        {"sni", 1, 0, 'N'},
+        {"user", 1, 0, 'u'},
+        {"pass", 1, 0, 'P'},
+        {"auth", 1, 0, 'A'},
+        {"clients", 1, 0, 'c'},
+        {"duration", 1, 0, 'd'},
+        {"ops", 1, 0, 'o'},
         {"max-ops", 1, 0, 'M'},
-        {"size", 1, 0, 'z'},     {"size-max", 1, 0, 'Z'},
-        {"mailbox", 1, 0, 'm'},  {"fetch", 1, 0, 'f'},
-        {"batch", 1, 0, 'b'},    {"target", 1, 0, 't'},
-        {"sessions", 1, 0, 'n'}, {"settle", 1, 0, 'S'},
-        {"idle-cmd", 0, 0, 'I'}, {"tree", 1, 0, 'r'},
-        {"label", 1, 0, 'l'},    {"system", 1, 0, 'y'},
-        {"timeout", 1, 0, 'x'},  {"quiet", 0, 0, 'q'},
-        {"help", 0, 0, 'h'},     {0, 0, 0, 0},
+        {"size", 1, 0, 'z'},
+        {"size-max", 1, 0, 'Z'},
+        {"mailbox", 1, 0, 'm'},
+        {"fetch", 1, 0, 'f'},
+        {"batch", 1, 0, 'b'},
+        {"target", 1, 0, 't'},
+        {"sessions", 1, 0, 'n'},
+        {"settle", 1, 0, 'S'},
+        {"idle-cmd", 0, 0, 'I'},
+        {"tree", 1, 0, 'r'},
+        {"label", 1, 0, 'l'},
+        {"system", 1, 0, 'y'},
+        {"timeout", 1, 0, 'x'},
+        {"quiet", 0, 0, 'q'},
+        {"help", 0, 0, 'h'},
+        {0, 0, 0, 0},
     };
     int ch, rc;
     struct rlimit rl;
