@@ -167,16 +167,8 @@ int ckpt_copy(struct store *st, MDB_txn *rtxn, const char *path, uint64_t batch_
 int ckpt_copy_paced(struct store *st, MDB_txn *rtxn, const char *path, uint64_t batch_bytes,
                     uint64_t rate_bytes, volatile int *cancel, char *err, size_t errlen)
 {
-    struct {
-        const char *name;
-        MDB_dbi dbi;
-    } dbs[] = {
-        {"meta", st->meta},       {"users", st->users},         {"userids", st->userids},
-        {"mbnames", st->mbnames}, {"mailboxes", st->mailboxes}, {"msgs", st->msgs},
-        {"blobs", st->blobs},     {"blobmeta", st->blobmeta},   {"subs", st->subs},
-        {"acl", st->acl},         {"requests", st->requests},   {"reqlog", st->reqlog},
-        {"modseq", st->modseq},   {"nodes", st->nodes},
-    };
+    struct store_db dbs[STORE_N_DBS];
+    size_t n_dbs = store__dbs(st, dbs);
     MDB_env *env = NULL;
     MDB_txn *w = NULL;
     MDB_cursor *c = NULL;
@@ -199,7 +191,7 @@ int ckpt_copy_paced(struct store *st, MDB_txn *rtxn, const char *path, uint64_t 
     if (mdb_env_get_fd(env, &pace.fd) != 0) pace.fd = -1;
     what = "mdb_txn_begin";
     if ((rc = mdb_txn_begin(env, NULL, 0, &w))) goto fail;
-    for (size_t i = 0; i < sizeof dbs / sizeof dbs[0]; i++) {
+    for (size_t i = 0; i < n_dbs; i++) {
         MDB_dbi d;
         what = dbs[i].name;
         if ((rc = mdb_dbi_open(w, dbs[i].name, MDB_CREATE, &d))) goto fail;

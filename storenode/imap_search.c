@@ -675,7 +675,7 @@ struct search_run {
     uint32_t *view;          /* owned copy of the session's view (UIDs by MSN) */
     size_t n_view, j;        /* merge cursor into the view */
     uint32_t recent_min_uid;
-    int uid_mode, has_modseq, failed, uid_cmd;
+    int uid_mode, has_modseq, failed;
     struct mbuf out; /* " n n n" */
     size_t matches;
     uint64_t max_modseq;
@@ -743,7 +743,7 @@ static void search_run_free(struct search_run *r)
 static void search_reply(struct search_run *r)
 {
     struct imap_session *s = r->s;
-    const char *cname = r->uid_cmd ? "UID SEARCH" : "SEARCH";
+    const char *cname = r->uid_mode ? "UID SEARCH" : "SEARCH";
     if (s->conn == NULL) {
         imap_cmd_done(s, "NO", NULL, "Connection closed");
     } else if (r->failed) {
@@ -885,7 +885,6 @@ void imap_cmd_search(struct imap_session *s, struct imap_command *cmd, int uid)
     r->n_view = n_view;
     r->recent_min_uid = s->sel.recent_min_uid;
     r->uid_mode = uid;
-    r->uid_cmd = uid;
     r->has_modseq = has_modseq;
     if (n_view == 0 || (n_view <= SEARCH_INLINE_MAX_VIEW && !key_reads_messages(root))) {
         search_exec(r);

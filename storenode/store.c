@@ -1197,17 +1197,10 @@ int store_digest(struct store *st, char out[65])
     if (!txn || !md || EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) goto done;
     /* Everything that is state; not the applied index nor the idempotency
      * tables (their expiry window is bookkeeping). */
-    struct {
-        const char *name;
-        MDB_dbi dbi;
-    } dbs[] = {
-        {"meta", st->meta},       {"users", st->users},         {"userids", st->userids},
-        {"mbnames", st->mbnames}, {"mailboxes", st->mailboxes}, {"msgs", st->msgs},
-        {"blobs", st->blobs},     {"blobmeta", st->blobmeta},   {"subs", st->subs},
-        {"acl", st->acl},         {"modseq", st->modseq},
-    };
-    for (size_t i = 0; i < sizeof(dbs) / sizeof(dbs[0]); i++)
-        if (digest_db(md, txn, dbs[i].dbi, dbs[i].name, i == 0)) goto done;
+    struct store_db dbs[STORE_N_DBS];
+    size_t n = store__dbs(st, dbs);
+    for (size_t i = 0; i < n; i++)
+        if (dbs[i].state && digest_db(md, txn, dbs[i].dbi, dbs[i].name, i == 0)) goto done;
     if (EVP_DigestFinal_ex(md, h, &hl) != 1 || hl != 32) goto done;
     for (int i = 0; i < 32; i++)
         snprintf(out + 2 * i, 3, "%02x", h[i]);
@@ -1216,4 +1209,17 @@ done:
     EVP_MD_CTX_free(md);
     store_rtxn_end(txn);
     return ret;
+}
+
+size_t store__dbs(const struct store *st, struct store_db out[STORE_N_DBS])
+{
+    const struct store_db all[STORE_N_DBS] = {
+        {"meta", st->meta, 1},       {"users", st->users, 1},         {"userids", st->userids, 1},
+        {"mbnames", st->mbnames, 1}, {"mailboxes", st->mailboxes, 1}, {"msgs", st->msgs, 1},
+        {"blobs", st->blobs, 1},     {"blobmeta", st->blobmeta, 1},   {"subs", st->subs, 1},
+        {"acl", st->acl, 1},         {"requests", st->requests, 0},   {"reqlog", st->reqlog, 0},
+        {"modseq", st->modseq, 1},   {"nodes", st->nodes, 0},
+    };
+    memcpy(out, all, sizeof all);
+    return STORE_N_DBS;
 }

@@ -344,6 +344,17 @@ struct store_buf {
     size_t len, cap;
     int oom;
 };
+/* Every named database of a store, in one fixed order (checkpoints copy
+ * all of them; the content digest walks those with `state` set, in this
+ * order: not the idempotency bookkeeping nor the node table). Fills up to
+ * STORE_N_DBS entries of out; returns the count. */
+#define STORE_N_DBS 14
+struct store_db {
+    const char *name;
+    MDB_dbi dbi;
+    int state;
+};
+size_t store__dbs(const struct store *st, struct store_db out[STORE_N_DBS]);
 void store__buf_free(struct store_buf *b);
 
 void store__be64(uint8_t *p, uint64_t v);
